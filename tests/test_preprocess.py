@@ -1,0 +1,82 @@
+"""Input handling: 'caffe' preprocessing inside the model, and image decoding."""
+
+from __future__ import annotations
+
+import io
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import DecodeError, decode
+from pipeline.model import caffe_preprocess
+
+
+def test_caffe_preprocess_matches_keras():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    expected = keras.applications.resnet.preprocess_input(pixels.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(caffe_preprocess(pixels)), expected, rtol=1e-6, atol=1e-4)
+    assert np.asarray(caffe_preprocess(pixels[..., :1, :1, :]))[0, 0, 0, 0] == pytest.approx(
+        float(pixels[0, 0, 0, 2]) - 103.939, abs=1e-4
+    )
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_crop_resizes_shorter_side_then_center_crops():
+    # A 640x480 image whose left and right thirds are black: a center crop of the 256-high resize is all white.
+    array = np.zeros((480, 640, 3), np.uint8)
+    array[:, 200:440] = 255
+    pixels, width, height = decode(encode(Image.fromarray(array), "PNG"), "crop")
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    assert (width, height) == (640, 480)
+    assert pixels[:, 112].min() == 255
+    squashed, _, _ = decode(encode(Image.fromarray(array), "PNG"), "squash")
+    assert squashed.shape == (224, 224, 3) and squashed[:, 0].max() == 0  # the black margin survives
+
+
+def test_exif_orientation_is_applied():
+    array = np.zeros((40, 80, 3), np.uint8)
+    array[:, :40] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
+    pixels, width, height = decode(encode(Image.fromarray(array), exif=exif), "squash")
+    assert (width, height) == (40, 80)  # the upright image is portrait
+    assert pixels[:100].mean() > 200 and pixels[124:].mean() < 50  # white half now on top
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_modes_become_rgb(mode):
+    image = (
+        Image.new("RGB", (50, 30), (200, 100, 50)).convert(mode)
+        if mode != "I;16"
+        else Image.new("I;16", (50, 30), 65535)
+    )
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    pixels, _, _ = decode(encode(image, fmt))
+    assert pixels.shape == (224, 224, 3)
+    if mode == "I;16":
+        assert pixels.min() == 255  # 16-bit full scale maps to 8-bit full scale, not clipped noise
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"<html>not an image</html>", "not a readable image"),
+        (encode(Image.new("RGB", (300, 300)))[:200], "corrupt|truncated|readable"),
+    ],
+)
+def test_bad_images_raise_with_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode(data)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(DecodeError, match="too large: 300x200"):
+        decode(encode(Image.new("RGB", (300, 200))), max_pixels=50_000)
