@@ -157,7 +157,9 @@ def build_resnet(
 
     if include_top:
         pooled = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        scores = layers.Dense(classes, activation=classifier_activation, name="predictions")(pooled)
+        # Under a mixed-precision policy the classifier stays float32 for a numerically sound softmax.
+        head_dtype = "float32" if keras.config.dtype_policy().name.startswith("mixed") else None
+        scores = layers.Dense(classes, activation=classifier_activation, name="predictions", dtype=head_dtype)(pooled)
         outputs = {"predictions": scores, "embedding": pooled} if with_embedding else scores
     elif pooling == "avg":
         outputs = layers.GlobalAveragePooling2D(name="avg_pool")(x)

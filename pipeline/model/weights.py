@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import h5py
-import keras
 import numpy as np
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -181,6 +180,8 @@ def _legacy_h5_arrays(path: Path, source: str) -> dict[str, list[np.ndarray]]:
 
 def _keras_archive_arrays(path: Path, source: str) -> dict[str, list[np.ndarray]]:
     """Layer name -> weight arrays from a ``.keras`` archive, deserialised in safe mode (no arbitrary code)."""
+    import keras
+
     if not zipfile.is_zipfile(path):
         raise WeightsError(f"{source} is not a .keras archive")
     try:
@@ -190,7 +191,7 @@ def _keras_archive_arrays(path: Path, source: str) -> dict[str, list[np.ndarray]
     return {layer.name: layer.get_weights() for layer in donor.layers if layer.weights}
 
 
-def _assign_by_name(model: keras.Model, arrays: dict[str, list[np.ndarray]], source: str) -> None:
+def _assign_by_name(model, arrays: dict[str, list[np.ndarray]], source: str) -> None:
     """Set every weighted layer of ``model`` from ``arrays``; refuse a file that leaves any layer unset."""
     problems = []
     for layer in model.layers:
@@ -211,7 +212,7 @@ def _assign_by_name(model: keras.Model, arrays: dict[str, list[np.ndarray]], sou
             layer.set_weights(arrays[layer.name])
 
 
-def load_weights_file(model: keras.Model, path: Path, source: str | None = None) -> None:
+def load_weights_file(model, path: Path, source: str | None = None) -> None:
     """Load ``path`` into ``model`` by layer name (by structure for ``.weights.h5``, which stores no names)."""
     source = source or str(path)
     name = path.name
@@ -228,7 +229,7 @@ def load_weights_file(model: keras.Model, path: Path, source: str | None = None)
         raise WeightsError(f"Unsupported weights file {source}; expected one of {', '.join(WEIGHT_SUFFIXES)}")
 
 
-def randomize(model: keras.Model, seed: int, calibration_size: int = 64) -> None:
+def randomize(model, seed: int, calibration_size: int = 64) -> None:
     """Seeded random weights that behave like a trained network's in scale.
 
     He-normal convolutions and a Glorot-uniform classifier are drawn with numpy (the same seed gives the same
@@ -237,6 +238,8 @@ def randomize(model: keras.Model, seed: int, calibration_size: int = 64) -> None
     seeded batch of noise images: one training-mode pass with momentum 0 stores each layer's batch statistics.
     They are rounded to float16 precision so other CPUs' kernels reproduce the same values, and the fingerprint.
     """
+    import keras
+
     rng = np.random.default_rng(seed)
     batch_norms = []
     for layer in model.layers:
@@ -270,7 +273,7 @@ def randomize(model: keras.Model, seed: int, calibration_size: int = 64) -> None
         layer.set_weights([np.float32(np.float16(w)) for w in layer.get_weights()])
 
 
-def fingerprint(model: keras.Model) -> str:
+def fingerprint(model) -> str:
     """sha256 over every weight value, keyed by layer name, in the model's layer order."""
     digest = hashlib.sha256()
     for layer in model.layers:
