@@ -1,0 +1,171 @@
+"""The job spec: one typed, validated document, loaded from YAML with ``--set a.b=c`` overrides.
+
+Every stage receives the part of the spec it needs. Validation happens once, before any work; an error names the
+field (``inference.batch_size``) and the value received. Credentials belong in the environment (or the cloud's
+workload identity); any that do appear in ``storage_options`` are passed to fsspec but redacted wherever the spec
+is written out.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
+SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|private|^key$|access_key|account_key|sas", re.I)
+REDACTED = "***"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field or URL."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Section):
+    url: str = Field(description="Local path, file://, s3://, gs://, az:// ...; a prefix (folder) or a glob.")
+    format: Literal["auto", "images", "webdataset", "tfrecord", "parquet"] = "auto"
+    image_column: str | None = Field(None, description="Parquet: the column with image bytes (auto-detected).")
+    id_column: str | None = Field(None, description="Parquet: a column with a key per image (optional).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec.")
+    files_per_task: int = Field(256, ge=1, description="Image trees: files read and decoded by one task.")
+
+
+class OutputSpec(_Section):
+    url: str = Field(description="Where predictions/ and _runs/ are written; any fsspec URL.")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    embedding_dtype: Literal["float32", "float16", "none"] = "float32"
+    rows_per_file: int | None = Field(
+        None, ge=1, description="Target rows per Parquet file; default: about 128 MB of rows, at most 50,000."
+    )
+
+
+class ModelSpec(_Section):
+    depth: Literal[18, 34, 50, 101, 152] = 50
+    weights: str = Field("imagenet", description="'imagenet', 'random', or a path/URL to .h5, .weights.h5, .keras.")
+    labels: str | None = Field(None, description="Label file (JSON or one name per line); default ImageNet.")
+    classes: int | None = Field(None, ge=1, description="Model outputs; default: the number of labels.")
+    top_k: int = Field(5, ge=1, le=100)
+    seed: int = Field(0, description="Seed for weights: random.")
+    allow_download: bool = Field(False, description="Download Keras's ImageNet weights if not cached.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="For weights and labels URLs.")
+
+    @property
+    def architecture(self) -> str:
+        return DEPTHS[self.depth]
+
+    @property
+    def embedding_dim(self) -> int:
+        """Known without building the model: basic blocks end at 512 channels, bottlenecks expand them 4x."""
+        return 512 if self.depth < 50 else 2048
+
+
+class DecodeSpec(_Section):
+    preprocessing: Literal["crop", "squash"] = "crop"
+    image_size: int = Field(224, ge=32, le=1024)
+    max_pixels: int = Field(89_478_485, ge=1, description="Larger images become error rows (decompression bombs).")
+
+
+class ActorPoolSpec(_Section):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorPoolSpec:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class InferenceSpec(_Section):
+    batch_size: int = Field(32, ge=1, le=4096)
+    actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
+    gpus_per_actor: float = Field(0, ge=0, description="0 runs on CPU; 1 gives each actor a GPU.")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor (TensorFlow may use more).")
+    actor_memory_gb: float = Field(2.0, gt=0, description="Memory reserved per actor (ResNet-50 needs ~1.5 GB).")
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    jit_compile: bool = Field(False, description="Compile the forward pass with XLA.")
+
+
+class JobSpec(_Section):
+    name: str = Field("labeling", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    decode: DecodeSpec = Field(default_factory=DecodeSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as plain data with every credential-like storage option replaced by ``***``."""
+        return redact(self.model_dump(mode="json"))
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def apply_override(document: dict[str, Any], assignment: str) -> None:
+    """``a.b.c=value`` sets ``document["a"]["b"]["c"]``; the value is read as YAML (numbers, booleans, lists)."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path.strip():
+        raise SpecError(f"--set expects KEY=VALUE (for example model.top_k=3), got {assignment!r}")
+    keys = path.strip().split(".")
+    node = document
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {path}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        node[keys[-1]] = raw
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "spec"
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        received = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
+        lines.append(f"{field}: {message}{received}")
+    return "invalid job spec:\n  " + "\n  ".join(lines)
+
+
+def parse_spec(document: dict[str, Any], overrides: list[str] = ()) -> JobSpec:
+    document = dict(document or {})
+    for section in ("input", "output"):  # the `input: URL` shorthand, expanded so --set can reach inside
+        if isinstance(document.get(section), str):
+            document[section] = {"url": document[section]}
+    for assignment in overrides:
+        apply_override(document, assignment)
+    try:
+        return JobSpec.model_validate(document)
+    except ValidationError as error:
+        raise SpecError(_describe(error)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read a YAML spec file and apply ``--set`` overrides."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path} is not valid YAML: {error}") from None
+    if document is not None and not isinstance(document, dict):
+        raise SpecError(f"{path}: a job spec is a mapping (input:, output:, model: ...)")
+    return parse_spec(document or {}, overrides)

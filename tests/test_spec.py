@@ -1,0 +1,103 @@
+"""The job spec: validation that names the field, --set overrides, and redaction of credentials."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipeline.model.resnet import embedding_dim
+from pipeline.spec import DEPTHS, JobSpec, SpecError, load_spec, parse_spec
+
+MINIMAL = {"input": "s3://bucket/images/", "output": "s3://bucket/labels/"}
+
+
+def test_defaults_and_shorthand():
+    spec = parse_spec(MINIMAL)
+    assert spec.input.url == "s3://bucket/images/" and spec.input.format == "auto"
+    assert spec.model.architecture == "resnet50" and spec.model.weights == "imagenet" and spec.model.top_k == 5
+    assert spec.decode.preprocessing == "crop" and spec.decode.image_size == 224
+    assert spec.inference.batch_size == 32 and spec.inference.precision == "float32"
+    assert spec.output.embedding_dtype == "float32"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "model": {"top_k": 5}}))
+    spec = load_spec(
+        path,
+        [
+            "model.top_k=3",
+            "model.depth=18",
+            "inference.actors.max=4",
+            "inference.gpus_per_actor=0.5",
+            "input.storage_options.endpoint_url=http://127.0.0.1:9000/?a=b",
+            "model.allow_download=true",
+        ],
+    )
+    assert spec.model.top_k == 3 and spec.model.architecture == "resnet18"
+    assert spec.inference.actors.max == 4 and spec.inference.gpus_per_actor == 0.5
+    assert spec.input.storage_options == {"endpoint_url": "http://127.0.0.1:9000/?a=b"}
+    assert spec.model.allow_download is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.topk=3"], r"model\.topk: unknown field"),
+        (["inference.batch_size=lots"], r"inference\.batch_size: .*integer.*\(got 'lots'\)"),
+        (["model.depth=42"], r"model\.depth: .*\(got 42\)"),
+        (["output.embedding_dtype=float64"], r"output\.embedding_dtype: .*'float32'.*\(got 'float64'\)"),
+        (["inference.actors.min=3", "inference.actors.max=2"], r"inference\.actors: .*max \(2\) must be >= min \(3\)"),
+        (["decode.preprocessing=stretch"], r"decode\.preprocessing"),
+        (["model.top_k=0"], r"model\.top_k: .*greater than or equal to 1"),
+        (["model=3"], r"model: "),
+        (["nonsense"], r"--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(MINIMAL, overrides)
+
+
+def test_missing_sections():
+    with pytest.raises(SpecError, match=r"output: Field required"):
+        parse_spec({"input": "/data"})
+    with pytest.raises(SpecError, match=r"input: Field required"):
+        parse_spec({})
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="a job spec is a mapping"):
+        load_spec(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("input: [\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "broken.yaml")
+
+
+def test_credentials_are_redacted_but_still_used():
+    spec = parse_spec(
+        MINIMAL,
+        [
+            "input.storage_options.key=AKIAEXAMPLE",
+            "input.storage_options.secret=s3cr3t-value",
+            "input.storage_options.endpoint_url=http://minio:9000",
+            "output.storage_options.client_kwargs.aws_session_token=tok-123",
+            "output.storage_options.account_key=azure-key",
+        ],
+    )
+    assert spec.input.storage_options["secret"] == "s3cr3t-value"  # passed to fsspec as given
+    text = json.dumps(spec.redacted())
+    for secret in ("AKIAEXAMPLE", "s3cr3t-value", "tok-123", "azure-key"):
+        assert secret not in text
+    assert spec.redacted()["input"]["storage_options"]["endpoint_url"] == "http://minio:9000"
+    assert JobSpec.model_validate(spec.model_dump()) == spec
+
+
+@pytest.mark.parametrize("depth", sorted(DEPTHS))
+def test_embedding_dim_known_without_building_the_model(depth):
+    assert parse_spec(MINIMAL, [f"model.depth={depth}"]).model.embedding_dim == embedding_dim(DEPTHS[depth])
