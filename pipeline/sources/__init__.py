@@ -1,0 +1,114 @@
+"""Input layouts. Each module reads one kind of shard and yields :class:`Record` s; this one lists shards.
+
+A shard is the unit of work and of bookkeeping: one image file, one WebDataset tar, one TFRecord file, one Parquet
+file. Listing goes through fsspec, so any store it knows works; work is split per shard, never per byte range.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import has_magic
+
+from pipeline.sources import images, parquet, tfrecord, webdataset
+
+READERS = {"images": images, "webdataset": webdataset, "tfrecord": tfrecord, "parquet": parquet}
+
+
+class InputError(ValueError):
+    """An input that cannot be listed or holds nothing to label; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    format: str
+    size: int | None = None
+    etag: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image as read from its shard: bytes, or the reason they could not be read."""
+
+    image_id: str
+    source: str
+    data: bytes | None
+    error: str | None = None
+
+
+def format_of(path: str) -> str | None:
+    name = path.lower()
+    for format_name, reader in READERS.items():
+        if name.endswith(reader.EXTENSIONS):
+            return format_name
+    return None
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    relative = path[len(root) :] if path.startswith(root) else path
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def list_shards(url: str, format: str = "auto", storage_options: dict | None = None) -> list[Shard]:
+    """Every shard under a prefix (recursively) or matching a glob, sorted; hidden paths (``.``, ``_``) skipped."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if has_magic(root):
+            infos = fs.glob(root, detail=True)
+            root = re.split(r"[*?\[]", root, maxsplit=1)[0].rsplit("/", 1)[0]
+        elif fs.isdir(root):
+            infos = fs.find(root, detail=True)
+        elif fs.exists(root):
+            infos = {root: fs.info(root)}
+        else:
+            raise InputError(f"input.url: nothing found at {url}")
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"input.url: cannot list {url}: {error}") from error
+
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    shards, formats = [], set()
+    for path, info in sorted(infos.items()):
+        if info.get("type") == "directory" or _is_hidden(path, root):
+            continue
+        detected = format_of(path)
+        if detected is None or (format != "auto" and detected != format):
+            continue
+        formats.add(detected)
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
+        shards.append(
+            Shard(
+                _unstrip(fs, protocol, path), detected, info.get("size"), None if etag is None else str(etag).strip('"')
+            )
+        )
+    if not shards:
+        wanted = "images or shards" if format == "auto" else f"{format} shards"
+        raise InputError(f"input.url: no {wanted} found at {url}")
+    if len(formats) > 1:
+        raise InputError(f"input.url: {url} mixes layouts ({', '.join(sorted(formats))}); set input.format")
+    return shards
+
+
+def _unstrip(fs, protocol: str, path: str) -> str:
+    if protocol in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def read_shard(shard: Shard, options: dict[str, Any]) -> Iterator[Record]:
+    """The records of one shard; a shard that cannot be read at all yields one error record naming it."""
+    reader = READERS[shard.format]
+    fs, path = fsspec.core.url_to_fs(shard.url, **options.get("storage_options", {}))
+    try:
+        yield from reader.read(fs, path, shard.url, options)
+    except Exception as error:  # the rest of the shard is lost; say so in a row rather than kill the job
+        yield Record(f"{shard.url}#unreadable", shard.url, None, f"unreadable shard: {type(error).__name__}: {error}")

@@ -1,0 +1,18 @@
+"""A tree of image files: each file is a shard and its own image; ``image_id`` is the file's URL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read(fs, path: str, url: str, options: dict) -> Iterator:
+    from pipeline.sources import Record
+
+    try:
+        data = fs.cat_file(path)
+    except Exception as error:
+        yield Record(url, url, None, f"unreadable file: {type(error).__name__}: {error}")
+        return
+    yield Record(url, url, data)
