@@ -13,10 +13,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch image 
 weights_app = typer.Typer(no_args_is_help=True, help="Stage and inspect model weights.")
 app.add_typer(weights_app, name="weights")
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
-SAMPLE_PHOTOS = ("china.jpg", "flower.jpg")
 
 
 def _quiet_tensorflow() -> None:
@@ -30,42 +29,120 @@ def _architecture(depth: int) -> str:
     return DEPTHS[depth]
 
 
+SetOption = typer.Option([], "--set", help="Override a spec field: --set model.top_k=3 (repeatable).")
+AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster; default: start a local one.")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    errors.print(f"[red]{message}[/red]", highlight=False)
+    return typer.Exit(code)
+
+
+def _run_job(spec, address: str | None, quiet: bool):
+    from pipeline.runner import PreflightError, run
+    from pipeline.sources import InputError
+
+    try:
+        return run(spec, address=address, progress=not quiet)
+    except (InputError, PreflightError) as error:
+        raise _fail(str(error)) from None
+
+
+def _summary(result) -> None:
+    stages = ", ".join(f"{name} {value['seconds']:.1f}s" for name, value in result.stage_seconds.items())
+    lines = [
+        f"[bold]run {result.run_id}[/bold]",
+        f"  images      {result.rows} ({result.ok} ok, {result.error} failed)",
+        f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s",
+        f"  stages      {stages}",
+        f"  output      {result.output_url}",
+        f"  manifest    {result.manifest_url}",
+    ]
+    console.print("\n".join(lines), soft_wrap=True, highlight=False)
+
+
+@app.command("run")
+def run_command(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec (YAML)."),
+    overrides: list[str] = SetOption,
+    address: str | None = AddressOption,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run a labeling job: read images, predict with ResNet on Ray, write Parquet."""
+    _quiet_tensorflow()
+    from pipeline.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path, overrides)
+    except SpecError as error:
+        raise _fail(str(error)) from None
+    _summary(_run_job(spec, address, quiet))
+
+
 @app.command()
 def demo(
-    weights: str = typer.Option("imagenet", help="'imagenet', 'random', or a weights file path/URL."),
-    depth: int = typer.Option(50, help="ResNet depth: 18, 34, 50, 101 or 152."),
+    workdir: Path = typer.Option(Path("resnet-demo"), help="Folder for the sample images and the output."),
+    overrides: list[str] = SetOption,
     download_weights: bool = typer.Option(
         False, "--download-weights", help="Download Keras's ImageNet weights if they are not cached."
     ),
     top_k: int = typer.Option(5, min=1, max=20, help="Labels shown per image."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Label the sample photographs that ship with scikit-learn and print the top labels."""
+    """The whole job on local sample photos: builds the samples, runs locally, prints the top labels."""
     _quiet_tensorflow()
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
+    from pipeline.samples import write_samples
+    from pipeline.spec import SpecError, parse_spec
 
-    from pipeline.decode import fit
-    from pipeline.model import WeightsError, caffe_preprocess, create_model, imagenet_labels
-
+    images = workdir.resolve() / "images"
+    document = {
+        "name": "demo",
+        "input": {"url": str(images)},
+        "output": {"url": str(workdir.resolve() / "output")},
+        "model": {"depth": 50, "weights": "imagenet", "top_k": top_k, "allow_download": download_weights},
+        "inference": {"batch_size": 16},
+    }
     try:
-        model = create_model(_architecture(depth), weights=weights, allow_download=download_weights)
-    except WeightsError as error:
-        errors.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
-    info = model.weights_info
-    if info.random:
-        errors.print("[yellow]Random weights: the labels below are meaningless (a smoke test, not a result).[/yellow]")
+        spec = parse_spec(document, overrides)
+    except SpecError as error:
+        raise _fail(str(error)) from None
+    write_samples(images)
+    console.print(f"Sample images: {images}")
+    if spec.model.weights == "imagenet" and not download_weights:
+        from pipeline.model.weights import WeightsError, imagenet_file
 
-    pixels = np.stack([fit(Image.fromarray(load_sample_image(name))) for name in SAMPLE_PHOTOS])
-    scores = np.asarray(model(caffe_preprocess(pixels)))
-    labels = imagenet_labels()
-    table = Table(title=f"{model.name}, weights {info.source} (sha256 {info.fingerprint[:12]})")
+        try:
+            imagenet_file(spec.model.architecture, include_top=True)
+        except WeightsError as error:
+            raise _fail(
+                f"{error}\n  - or let the demo download them: resnet-pipeline demo --download-weights\n"
+                "  - or run the demo with random weights: resnet-pipeline demo --set model.weights=random"
+            ) from None
+    result = _run_job(spec, None, quiet)
+    if spec.model.weights == "random":
+        errors.print("[yellow]Random weights: the labels below are meaningless (a smoke test, not a result).[/yellow]")
+    _print_top_labels(result, spec.output.url)
+    _summary(result)
+
+
+def _print_top_labels(result, output_url: str) -> None:
+    import pyarrow.dataset as ds
+
+    rows = (
+        ds.dataset(f"{output_url}/predictions/run-{result.run_id}", format="parquet")
+        .to_table(columns=["image_id", "status", "error", "top_k"])
+        .sort_by("image_id")
+        .to_pylist()
+    )
+    table = Table(title="top labels per image")
     table.add_column("image")
-    table.add_column(f"top-{top_k}")
-    for name, row in zip(SAMPLE_PHOTOS, scores, strict=False):
-        best = np.argsort(row)[::-1][:top_k]
-        table.add_row(name, ", ".join(f"{labels[i].label} ({labels[i].wnid}) {row[i]:.3f}" for i in best))
+    table.add_column("labels (score)")
+    for row in rows:
+        name = Path(row["image_id"]).name
+        if row["status"] == "ok":
+            table.add_row(name, ", ".join(f"{c['label']} {c['score']:.2f}" for c in row["top_k"]))
+        else:
+            table.add_row(name, f"[red]error: {row['error']}[/red]")
     console.print(table)
 
 

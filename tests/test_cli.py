@@ -1,38 +1,96 @@
-"""The command line, run as a user runs it: a subprocess of the installed entry points."""
+"""The command line, run as a user runs it: subprocesses of the installed entry points, each with its own Ray."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.dataset as ds
+import pytest
+import yaml
 
-def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+SMALL = ["--set", "model.depth=18", "--set", "model.weights=random", "--set", "decode.image_size=64"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300, **kwargs
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=600, cwd=cwd
     )
 
 
-def test_demo_with_random_weights_labels_the_sample_photos():
-    result = run("demo", "--weights", "random", "--depth", "18", "--top-k", "3")
-    assert result.returncode == 0, result.stderr
-    assert "china.jpg" in result.stdout and "flower.jpg" in result.stdout
-    assert "random:seed=0" in result.stdout
+def write_spec(path: Path, document: dict) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.mark.slow
+def test_run_end_to_end(tmp_path):
+    from pipeline.samples import write_samples
+
+    paths = write_samples(tmp_path / "images", photos=("flower.jpg",))
+    spec = write_spec(tmp_path / "job.yaml", {"input": str(tmp_path / "images"), "output": str(tmp_path / "out")})
+    result = cli("run", str(spec), *SMALL, "--set", "model.top_k=2", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(paths)} (14 ok, 5 failed)" in result.stdout
+    assert "images/s" in result.stdout and str(tmp_path / "out") in result.stdout
+    table = ds.dataset(tmp_path / "out" / "predictions", format="parquet").to_table()
+    assert table.num_rows == len(paths)
+    assert {len(row) for row in table.column("top_k").to_pylist() if row} == {2}
+    (manifest,) = (tmp_path / "out" / "_runs").glob("*.json")
+    assert json.loads(manifest.read_text())["spec"]["model"]["top_k"] == 2
+
+
+@pytest.mark.slow
+def test_demo_with_random_weights(tmp_path):
+    result = cli("demo", "--workdir", str(tmp_path / "demo"), *SMALL, "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "meaningless" in result.stderr  # a random run never passes for a real one
-    assert result.stdout.count("(n0") >= 6  # three labels per image, each with its WordNet id
+    for name in ("china-photo.jpg", "flower-exif-rotated.jpg", "bad-html-page.jpg"):
+        assert name in result.stdout
+    assert "error: empty file" in result.stdout
+    assert "33 (28 ok, 5 failed)" in result.stdout
+    assert list((tmp_path / "demo" / "output" / "_runs").glob("*.json"))
 
 
-def test_demo_without_cached_imagenet_weights_says_how_to_continue():
-    result = run("demo")
+def test_demo_without_cached_imagenet_weights_says_how_to_continue(tmp_path):
+    result = cli("demo", "--workdir", str(tmp_path / "demo"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "weights fetch 50" in result.stderr
-    assert "weights=random" in result.stderr
+    assert "are not cached" in result.stderr
+    assert "resnet-pipeline demo --download-weights" in result.stderr
+    assert "--set model.weights=random" in result.stderr
+    assert not (tmp_path / "demo" / "output").exists()  # stopped before any work
 
 
-def test_console_script_and_bad_depth():
+@pytest.mark.parametrize(
+    ("document", "overrides", "message"),
+    [
+        ({"input": "IN", "output": "OUT", "model": {"topk": 3}}, [], "model.topk: unknown field"),
+        ({"input": "IN"}, [], "output: Field required"),
+        ({"input": "IN", "output": "OUT"}, ["inference.batch_size=big"], "inference.batch_size"),
+        ({"input": "IN/missing", "output": "OUT"}, [], "input.url: nothing found at"),
+        ({"input": "IN", "output": "OUT", "model": {"weights": "/no/such.h5"}}, [], "model.weights: Weights file"),
+        ({"input": "IN", "output": "OUT", "model": {"weights": "imagenet"}}, [], "model.weights: The ImageNet"),
+    ],
+)
+def test_bad_specs_stop_before_any_work(tmp_path, document, overrides, message):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"not even an image")
+    text = yaml.safe_dump(document).replace("IN", str(tmp_path / "in")).replace("OUT", str(tmp_path / "out"))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(text)
+    result = cli("run", str(spec), *[arg for o in overrides for arg in ("--set", o)])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_help():
     script = Path(sys.executable).with_name("resnet-pipeline")
-    scripts = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert scripts.returncode == 0 and "demo" in scripts.stdout
-    result = run("demo", "--weights", "random", "--depth", "42")
-    assert result.returncode == 2 and "--depth must be one of" in result.stderr
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("run", "demo", "weights"):
+        assert command in result.stdout

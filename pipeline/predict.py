@@ -1,0 +1,177 @@
+"""The inference stage: a callable class for Ray Data's actor pool, one model per actor.
+
+The model is built and its weights read once, in the constructor, which also traces the forward function so the
+first batch does not pay for it (and the trace overlaps with decoding elsewhere). The forward function has a fixed
+input signature, uint8 ``[batch_size, size, size, 3]``: the 'caffe' preprocessing runs inside it, the last partial
+batch is padded rather than traced again, and one pass gives the top-k classes and the pooled embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.sink import TOP_K_TYPE, output_schema
+from pipeline.spec import InferenceSpec, ModelSpec
+
+
+def configure_tensorflow(precision: str) -> None:
+    """Before any TensorFlow op: grow GPU memory on demand, and set the Keras precision policy."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    keras.mixed_precision.set_global_policy(precision)
+
+
+class Predictor:
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        inference: InferenceSpec,
+        image_size: int,
+        embedding_dtype: str,
+        run_id: str,
+        timer=None,
+    ):
+        started = time.perf_counter()
+        configure_tensorflow(inference.precision)
+        import tensorflow as tf
+
+        from pipeline.model import Labels, caffe_preprocess, create_model, imagenet_labels
+
+        labels = Labels.from_file(model_spec.labels, model_spec.storage_options) if model_spec.labels else None
+        classes = model_spec.classes or (len(labels) if labels else 1000)
+        model = create_model(
+            model_spec.architecture,
+            weights=model_spec.weights,
+            input_shape=(image_size, image_size, 3),
+            classes=classes,
+            with_embedding=True,
+            seed=model_spec.seed,
+            allow_download=model_spec.allow_download,
+            storage_options=model_spec.storage_options,
+        )
+        labels = (labels or imagenet_labels()).check(classes)
+        self.class_wnids = np.array([c.wnid for c in labels], dtype=object)
+        self.class_labels = np.array([c.label for c in labels], dtype=object)
+        self.model_name = model.name
+        self.fingerprint = model.weights_info.fingerprint
+        self.batch_size = inference.batch_size
+        self.top_k = min(model_spec.top_k, classes)
+        self.embedding_dtype = embedding_dtype
+        self.run_id = run_id
+        self.timer = timer
+        self.schema = output_schema(model.output["embedding"].shape[-1], embedding_dtype)
+
+        top_k = self.top_k
+
+        @tf.function(
+            jit_compile=inference.jit_compile,
+            input_signature=[tf.TensorSpec([self.batch_size, image_size, image_size, 3], tf.uint8)],
+        )
+        def forward(images):
+            outputs = model(caffe_preprocess(images), training=False)
+            scores, class_ids = tf.math.top_k(tf.cast(outputs["predictions"], tf.float32), k=top_k)
+            return class_ids, scores, tf.cast(outputs["embedding"], tf.float32)
+
+        self.forward = forward
+        self.forward(tf.zeros([self.batch_size, image_size, image_size, 3], tf.uint8))  # trace now, not on batch 1
+        self.startup_seconds = time.perf_counter() - started
+        if timer is not None:
+            import ray
+
+            timer.add.remote("model_startup", self.startup_seconds, 1)
+            timer.actor_started.remote(
+                {
+                    "node_id": ray.get_runtime_context().get_node_id(),
+                    "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+                    "tensorflow_devices": [device.name for device in tf.config.list_logical_devices()],
+                    "startup_seconds": round(self.startup_seconds, 3),
+                }
+            )
+
+    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Class ids, scores (``[n, k]``) and embeddings (``[n, D]``) for any number of images."""
+        ids, scores, embeddings = [], [], []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start : start + self.batch_size]
+            padded = chunk
+            if len(chunk) < self.batch_size:  # same shape every call: no retracing
+                padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.uint8)
+                padded[: len(chunk)] = chunk
+            class_ids, top_scores, embedding = (t.numpy()[: len(chunk)] for t in self.forward(padded))
+            ids.append(class_ids)
+            scores.append(top_scores)
+            embeddings.append(embedding)
+        return np.concatenate(ids), np.concatenate(scores), np.concatenate(embeddings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = batch["status"] == "ok"
+        n = len(ok)
+        started = time.perf_counter()
+        if ok.any():
+            ok_ids, ok_scores, ok_embeddings = self.predict_pixels(batch["pixels"][ok])
+        else:
+            dim = self.schema.field("embedding").type.list_size
+            ok_ids = np.zeros((0, self.top_k), np.int32)
+            ok_scores = np.zeros((0, self.top_k), np.float32)
+            ok_embeddings = np.zeros((0, dim), np.float32)
+        elapsed = time.perf_counter() - started
+        if self.timer is not None:
+            self.timer.add.remote("predict", elapsed, int(ok.sum()))
+        return self._table(batch, ok, ok_ids, ok_scores, ok_embeddings, n)
+
+    def _table(self, batch, ok, ok_ids, ok_scores, ok_embeddings, n) -> pa.Table:
+        k, dim = self.top_k, ok_embeddings.shape[1]
+        class_ids = np.zeros((n, k), np.int32)
+        scores = np.zeros((n, k), np.float32)
+        embeddings = np.zeros((n, dim), np.float32)
+        class_ids[ok], scores[ok], embeddings[ok] = ok_ids, ok_scores, ok_embeddings
+        error = ~ok
+
+        flat_ids = class_ids.reshape(-1)
+        top_k_values = pa.StructArray.from_arrays(
+            [
+                pa.array(flat_ids, pa.int32()),
+                pa.array(self.class_wnids[flat_ids], pa.string()),
+                pa.array(self.class_labels[flat_ids], pa.string()),
+                pa.array(scores.reshape(-1), pa.float32()),
+            ],
+            fields=list(TOP_K_TYPE.value_type),
+        )
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
+        top_k = pa.ListArray.from_arrays(offsets, top_k_values, type=TOP_K_TYPE, mask=pa.array(error))
+
+        embedding_type = self.schema.field("embedding").type
+        stored = embeddings.astype(np.float16 if self.embedding_dtype == "float16" else np.float32)
+        embedding_mask = np.ones(n, bool) if self.embedding_dtype == "none" else error
+        embedding = pa.FixedSizeListArray.from_arrays(
+            pa.array(stored.reshape(-1)), type=embedding_type, mask=pa.array(embedding_mask)
+        )
+        known_size = batch["width"] >= 0
+        now = datetime.now(timezone.utc)
+        columns = {
+            "image_id": pa.array(batch["image_id"], pa.string()),
+            "source": pa.array(batch["source"], pa.string()),
+            "status": pa.array(batch["status"], pa.string()),
+            "error": pa.array(batch["error"].astype(str), pa.string(), mask=ok),
+            "label": pa.array(self.class_labels[class_ids[:, 0]], pa.string(), mask=error),
+            "class_id": pa.array(class_ids[:, 0], pa.int32(), mask=error),
+            "score": pa.array(scores[:, 0], pa.float32(), mask=error),
+            "top_k": top_k,
+            "embedding": embedding,
+            "width": pa.array(batch["width"], pa.int32(), mask=~known_size),
+            "height": pa.array(batch["height"], pa.int32(), mask=~known_size),
+            "model": pa.array([self.model_name] * n, pa.string()),
+            "model_fingerprint": pa.array([self.fingerprint] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+        return pa.Table.from_arrays(list(columns.values()), schema=self.schema)

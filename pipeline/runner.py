@@ -1,0 +1,259 @@
+"""Turns a JobSpec into a Ray Data plan and runs it.
+
+    shards (listed once, here) -> read + decode (CPU tasks, one per shard or group of files)
+        -> predict (actor pool, one model per actor) -> write Parquet (staged) -> commit (manifest last)
+
+Everything that can be checked before work starts is checked here first: the input lists and is not empty, the
+weights and labels exist, the output is writable. Only then does Ray start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.runs import OutputLocation, StagedOutput, commit, discard, inspect_staged, new_run_id
+from pipeline.sink import arrow_filesystem, rows_per_file
+from pipeline.sources import InputError, Shard, list_shards
+from pipeline.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+DECODED_ROWS_PER_BLOCK = 64
+
+
+class PreflightError(ValueError):
+    """Something the run would fail on later, found before any work; the message names the field."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output_url: str
+    manifest_url: str
+    rows: int
+    ok: int
+    error: int
+    wall_seconds: float
+    stage_seconds: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def _read_tasks(shards: list[Shard], files_per_task: int) -> list[str]:
+    """One task per container shard; single image files grouped ``files_per_task`` at a time."""
+    tasks, files = [], []
+    for shard in shards:
+        if shard.format == "images":
+            files.append(shard.to_dict())
+            if len(files) == files_per_task:
+                tasks.append(json.dumps(files))
+                files = []
+        else:
+            tasks.append(json.dumps([shard.to_dict()]))
+    if files:
+        tasks.append(json.dumps(files))
+    return tasks
+
+
+def preflight(spec: JobSpec) -> list[Shard]:
+    """Checks that need no cluster: input listing, weights, labels, output. Returns the shards."""
+    shards = list_shards(spec.input.url, spec.input.format, spec.input.storage_options)
+    from pipeline.model import LabelError, Labels, WeightsError
+    from pipeline.model.weights import IMAGENET_FILES, imagenet_file, local_copy
+
+    model = spec.model
+    try:
+        if model.weights == "imagenet":
+            if model.architecture not in IMAGENET_FILES or not model.allow_download:
+                imagenet_file(model.architecture, include_top=True, allow_download=False)
+        elif model.weights != "random":
+            local_copy(model.weights, model.storage_options)
+    except WeightsError as error:
+        raise PreflightError(f"model.weights: {error}") from None
+    if model.labels:
+        try:
+            labels = Labels.from_file(model.labels, model.storage_options)
+            if model.classes:
+                labels.check(model.classes)
+        except LabelError as error:
+            raise PreflightError(f"model.labels: {error}") from None
+    try:
+        location = OutputLocation.open(spec.output.url, spec.output.storage_options)
+        location.fs.makedirs(location.root, exist_ok=True)
+    except Exception as error:
+        raise PreflightError(f"output.url: cannot write to {spec.output.url}: {error}") from None
+    return shards
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        include_dashboard=False if address is None else None,
+        configure_logging=True,
+    )
+
+
+def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None, progress: bool = True) -> RunResult:
+    """Run the job; raises InputError/PreflightError before any work, or the Ray error if the run fails."""
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
+    shards = preflight(spec)
+    listed = time.perf_counter()
+    run_id = run_id or new_run_id(started_at)
+    location = OutputLocation.open(spec.output.url, spec.output.storage_options)
+
+    _init_ray(address)
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.decode import decode_shards
+    from pipeline.metrics import StageTimer
+    from pipeline.predict import Predictor
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.print_on_execution_start = progress
+    ray_started = time.perf_counter()
+    timer = StageTimer.remote()
+    tasks = _read_tasks(shards, spec.input.files_per_task)
+    input_options = {
+        "storage_options": spec.input.storage_options,
+        "image_column": spec.input.image_column,
+        "id_column": spec.input.id_column,
+    }
+    dataset = (
+        ray.data.from_items([{"shards": task} for task in tasks], override_num_blocks=len(tasks))
+        .map_batches(
+            decode_shards,
+            batch_size=1,
+            fn_kwargs={
+                "input_options": input_options,
+                "preprocessing": spec.decode.preprocessing,
+                "image_size": spec.decode.image_size,
+                "max_pixels": spec.decode.max_pixels,
+                "rows_per_batch": DECODED_ROWS_PER_BLOCK,
+                "timer": timer,
+            },
+        )
+        .map_batches(
+            Predictor,
+            batch_size=spec.inference.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=spec.inference.actors.min, max_size=spec.inference.actors.max),
+            num_gpus=spec.inference.gpus_per_actor or None,
+            num_cpus=spec.inference.cpus_per_actor,
+            # Reserving the model's memory keeps Ray from packing more actors on a node than fit. It also keeps Ray
+            # Data from fusing decoding into the actors (different remote args): decoding scales with CPUs.
+            memory=spec.inference.actor_memory_gb * 2**30,
+            fn_constructor_kwargs={
+                "model_spec": spec.model,
+                "inference": spec.inference,
+                "image_size": spec.decode.image_size,
+                "embedding_dtype": spec.output.embedding_dtype,
+                "run_id": run_id,
+                "timer": timer,
+            },
+        )
+    )
+    staging = location.staging(run_id)
+    try:
+        target_rows = rows_per_file(
+            spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
+        )
+        dataset.write_parquet(
+            staging,
+            filesystem=arrow_filesystem(location.fs),
+            min_rows_per_file=target_rows,
+            max_rows_per_file=target_rows,
+        )
+        written = time.perf_counter()
+        staged: StagedOutput = inspect_staged(location, run_id)
+        stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
+    except BaseException:
+        discard(location, run_id)
+        raise
+    finally:
+        ray.kill(timer)
+
+    wall = time.perf_counter() - started
+    stage_seconds.update(
+        {
+            "list": {"seconds": round(listed - started, 3), "items": len(shards)},
+            "ray_init": {"seconds": round(ray_started - listed, 3), "items": 0},
+            "pipeline": {"seconds": round(written - ray_started, 3), "items": staged.rows},
+        }
+    )
+    manifest = {
+        "run_id": run_id,
+        "status": "committed",
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_seconds": round(wall, 3),
+        "spec": spec.redacted(),
+        "model": _model_record(spec),
+        "counts": {"rows": staged.rows, "ok": staged.ok, "error": staged.error},
+        "images_per_second": round(staged.rows / wall, 3) if wall else None,
+        "stage_seconds": stage_seconds,
+        "actors": actors,
+        "shards": [shard.to_dict() for shard in shards],
+        "host": {"python": platform.python_version(), "ray": ray.__version__},
+    }
+    fingerprint = _fingerprint_of(location, staged)
+    manifest["model"]["fingerprint"] = fingerprint
+    manifest_url = commit(location, run_id, staged, manifest)
+    return RunResult(
+        run_id=run_id,
+        output_url=location.url(),
+        manifest_url=manifest_url,
+        rows=staged.rows,
+        ok=staged.ok,
+        error=staged.error,
+        wall_seconds=time.perf_counter() - started,
+        stage_seconds=stage_seconds,
+    )
+
+
+def _model_record(spec: JobSpec) -> dict[str, Any]:
+    from pipeline.model.weights import redact_url
+
+    weights = spec.model.weights
+    return {
+        "architecture": spec.model.architecture,
+        "weights": weights if weights in ("imagenet", "random") else redact_url(weights),
+        "random_weights": weights == "random",
+        "seed": spec.model.seed if weights == "random" else None,
+        "precision": spec.inference.precision,
+        "preprocessing": spec.decode.preprocessing,
+        "image_size": spec.decode.image_size,
+    }
+
+
+def _fingerprint_of(location: OutputLocation, staged: StagedOutput) -> str | None:
+    """The weights fingerprint the actors stamped on the rows (all actors load the same weights)."""
+    import pyarrow.parquet as pq
+
+    for path in staged.files:
+        with location.fs.open(path, "rb") as f:
+            column = pq.read_table(f, columns=["model_fingerprint"]).column(0)
+        if len(column):
+            return column[0].as_py()
+    return None
+
+
+__all__ = ["InputError", "PreflightError", "RunResult", "preflight", "run"]

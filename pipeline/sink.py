@@ -1,0 +1,71 @@
+"""The output contract (one Parquet row per input image) and the filesystem plumbing to write it anywhere.
+
+| column | type |
+|---|---|
+| image_id, source, status, error | string (error null when ok) |
+| label, class_id, score | string, int32, float32 (top-1; null on error) |
+| top_k | list<struct<class_id int32, wnid string, label string, score float32>> (best first) |
+| embedding | fixed_size_list<float32 or float16>[D] (null on error, or everywhere with embedding_dtype none) |
+| width, height | int32 (of the original image; null when undecodable) |
+| model, model_fingerprint | string |
+| run_id, processed_at | string, timestamp[us, UTC] |
+"""
+
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+TOP_K_TYPE = pa.list_(
+    pa.struct([("class_id", pa.int32()), ("wnid", pa.string()), ("label", pa.string()), ("score", pa.float32())])
+)
+MAX_ROWS_PER_FILE = 50_000
+TARGET_FILE_BYTES = 128 * 1024 * 1024
+
+
+def embedding_type(dim: int, dtype: str) -> pa.DataType:
+    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
+
+
+def output_schema(embedding_dim: int, embedding_dtype: str) -> pa.Schema:
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("source", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("label", pa.string()),
+            ("class_id", pa.int32()),
+            ("score", pa.float32()),
+            ("top_k", TOP_K_TYPE),
+            ("embedding", embedding_type(embedding_dim, embedding_dtype)),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("model", pa.string()),
+            ("model_fingerprint", pa.string()),
+            ("run_id", pa.string()),
+            ("processed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def rows_per_file(embedding_dim: int, embedding_dtype: str, top_k: int, requested: int | None = None) -> int:
+    """About 128 MB of rows per file (tens of thousands of rows), unless the spec says otherwise."""
+    if requested:
+        return requested
+    item = {"float32": 4, "float16": 2, "none": 0}[embedding_dtype]
+    row_bytes = 300 + embedding_dim * item + top_k * 40
+    return max(1_000, min(MAX_ROWS_PER_FILE, TARGET_FILE_BYTES // row_bytes))
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and path for ``url``."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """The same filesystem for pyarrow and Ray Data's writers (native for local disk)."""
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

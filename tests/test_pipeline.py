@@ -1,0 +1,223 @@
+"""The pipeline end to end on a real local Ray cluster: every layout, local and S3, rows checked against the model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.decode import decode
+from pipeline.model import caffe_preprocess
+from pipeline.runner import run
+from pipeline.runs import OutputLocation, read_manifests
+from pipeline.samples import BAD_FILES, PHOTOS, VARIANTS, photo, write_samples
+from pipeline.sink import output_schema
+from pipeline.spec import parse_spec
+from tests.layouts import LAYOUTS, write_layout
+
+pytestmark = pytest.mark.slow
+
+SMALL = [  # ResNet-18 on 64x64 crops: the pipeline's behaviour, at a fraction of ResNet-50's cost
+    "model.depth=18",
+    "model.weights=random",
+    "model.seed=3",
+    "model.top_k=3",
+    "decode.image_size=64",
+    "inference.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct_model():
+    from pipeline.model import create_model
+
+    return create_model("resnet18", weights="random", seed=3, input_shape=(64, 64, 3), with_embedding=True)
+
+
+def read_rows(result, storage_options=None) -> list[dict]:
+    location = OutputLocation.open(result.output_url, storage_options)
+    (manifest,) = [m for m in read_manifests(location) if m["run_id"] == result.run_id]
+    tables = []
+    for relative in manifest["files"]:
+        with location.fs.open(location.path(relative), "rb") as f:
+            tables.append(pq.read_table(f))
+    for table in tables:
+        assert table.schema.equals(tables[0].schema)
+    return [row for table in tables for row in table.to_pylist()]
+
+
+def relative_error(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("samples")
+    paths = write_samples(folder / "images")
+    spec = parse_spec({"input": str(folder / "images"), "output": str(folder / "out")}, SMALL)
+    return paths, run(spec, progress=False)
+
+
+def test_every_image_has_one_row_that_matches_the_model(sample_run, direct_model):
+    paths, result = sample_run
+    rows = read_rows(result)
+    assert sorted(row["image_id"] for row in rows) == sorted(str(p) for p in paths)  # one row each, none lost
+    assert result.rows == len(paths) and result.error == len(BAD_FILES)
+    assert {row["model_fingerprint"] for row in rows} == {direct_model.weights_info.fingerprint}
+
+    checked = 0
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        pixels, width, height = decode(Path(row["image_id"]).read_bytes(), "crop", size=64)
+        expected = direct_model.predict(np.asarray(caffe_preprocess(pixels[None])), verbose=0)
+        assert relative_error(row["embedding"], expected["embedding"][0]) < 1e-4, row["image_id"]
+        scores = expected["predictions"][0]
+        assert row["class_id"] == int(np.argmax(scores))
+        assert row["top_k"][0]["class_id"] == row["class_id"]
+        np.testing.assert_allclose([c["score"] for c in row["top_k"]], np.sort(scores)[::-1][:3], rtol=1e-3)
+        assert (row["width"], row["height"]) == (width, height)
+        checked += 1
+    assert checked == len(VARIANTS) * len(PHOTOS)
+
+
+def test_bad_images_become_error_rows_with_reasons(sample_run):
+    _, result = sample_run
+    rows = {Path(row["image_id"]).name: row for row in read_rows(result)}
+    expected = {
+        "bad-empty.jpg": "empty file",
+        "bad-html-page.jpg": "not a readable image",
+        "bad-random-bytes.png": "not a readable image",
+        "bad-huge-header.png": "too large",
+        "bad-truncated.jpg": "corrupt image data",
+    }
+    for name, reason in expected.items():
+        row = rows[name]
+        assert row["status"] == "error" and reason in row["error"], (name, row["error"])
+        for column in ("label", "class_id", "score", "top_k", "embedding", "width", "height"):
+            assert row[column] is None, (name, column)
+    good = [row for row in rows.values() if row["status"] == "ok"]
+    assert all(row["error"] is None and len(row["embedding"]) == 512 for row in good)
+    assert rows["china-exif-rotated.jpg"]["width"] == 640 and rows["china-exif-rotated.jpg"]["height"] == 427
+    assert rows["flower-one-pixel.png"]["status"] == "ok"
+
+
+def test_output_contract_files_and_manifest(sample_run):
+    _, result = sample_run
+    location = OutputLocation.open(result.output_url)
+    (manifest,) = read_manifests(location)
+    assert len(manifest["files"]) == 1  # 33 rows in batches of 4: one file, not one per batch
+    table = pq.read_table(location.path(manifest["files"][0]))
+    assert table.schema.equals(output_schema(512, "float32"))
+    assert not list(Path(location.root).glob("_staging/*"))
+
+    assert manifest["counts"] == {"rows": 33, "ok": 28, "error": 5}
+    assert manifest["model"]["fingerprint"] == table.column("model_fingerprint")[0].as_py()
+    assert manifest["model"]["random_weights"] is True
+    assert len(manifest["shards"]) == 33 and all(s["size"] is not None for s in manifest["shards"])
+    for stage in ("list", "ray_init", "read", "decode", "predict", "model_startup", "pipeline"):
+        assert manifest["stage_seconds"][stage]["seconds"] >= 0, stage
+    assert manifest["stage_seconds"]["predict"]["items"] == 28
+    assert manifest["actors"] and all("/device:CPU:0" in a["tensorflow_devices"][0] for a in manifest["actors"])
+
+    statuses = duckdb.sql(
+        f"SELECT status, count(*) AS n, count(embedding) AS with_embedding "
+        f"FROM read_parquet('{location.root}/predictions/*/*.parquet') GROUP BY status ORDER BY status"
+    ).fetchall()
+    assert statuses == [("error", 5, 0), ("ok", 28, 28)]
+
+
+@pytest.fixture(scope="module")
+def layout_images() -> dict[str, bytes]:
+    picture = photo(PHOTOS[1])
+    images = {name: VARIANTS[name](picture) for name in ("photo.jpg", "photo.png", "gray.jpg", "cmyk.jpg", "small.jpg")}
+    images["broken.jpg"] = BAD_FILES["truncated.jpg"](picture)
+    return images
+
+
+def check_layout_run(result, expected: dict[str, bytes], storage_options=None):
+    rows = read_rows(result, storage_options)
+    assert sorted(row["image_id"] for row in rows) == sorted(expected)
+    by_id = {row["image_id"]: row for row in rows}
+    broken = [image_id for image_id in expected if image_id.endswith("broken.jpg")]
+    assert [by_id[i]["status"] for i in broken] == ["error"]
+    assert sum(row["status"] == "ok" for row in rows) == len(expected) - 1
+
+
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != "images"])
+def test_local_layouts(layout, layout_images, tmp_path):
+    fs = fsspec.filesystem("file", auto_mkdir=True)
+    expected = write_layout(layout, fs, str(tmp_path / "in"), str(tmp_path / "in"), layout_images)
+    spec = parse_spec({"input": str(tmp_path / "in"), "output": str(tmp_path / "out")}, SMALL)
+    check_layout_run(run(spec, progress=False), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_s3_layouts(layout, layout_images, s3):
+    fs, bucket, storage_options = s3
+    expected = write_layout(layout, fs, f"{bucket}/in", f"s3://{bucket}/in", layout_images)
+    # Credentials given in the spec (as some users will) are used but never written out.
+    options = {**storage_options, "key": "testing", "secret": "do-not-leak-this"}
+    spec = parse_spec(
+        {
+            "input": {"url": f"s3://{bucket}/in/", "storage_options": options},
+            "output": {"url": f"s3://{bucket}/out", "storage_options": options, "embedding_dtype": "float16"},
+        },
+        [*SMALL, "output.rows_per_file=2"],
+    )
+    result = run(spec, progress=False)
+    check_layout_run(result, expected, storage_options)
+    assert result.output_url == f"s3://{bucket}/out"
+    manifests = fs.find(f"{bucket}/out/_runs")
+    assert len(manifests) == 1
+    manifest_text = fs.cat_file(manifests[0]).decode()
+    assert "do-not-leak-this" not in manifest_text and '"secret": "***"' in manifest_text
+    manifest = json.loads(manifest_text)
+    files = [fs.info(f"{bucket}/out/{f}") for f in manifest["files"]]
+    assert len(files) >= 2  # rows_per_file=2 over 6 rows
+    table = pq.read_table(fs.open(f"{bucket}/out/{manifest['files'][0]}", "rb"))
+    embedding = table.schema.field("embedding").type
+    assert pa.types.is_float16(embedding.value_type) and embedding.list_size == 512
+    assert not fs.exists(f"{bucket}/out/_staging/{result.run_id}")
+
+
+def test_gpu_scheduling_path_on_a_cpu_machine(tmp_path):
+    """A local cluster that declares one logical GPU: the actor asks for it, gets it, and TensorFlow runs on the
+    CPU (there is no device), which is the code path a GPU cluster takes."""
+    write_samples(tmp_path / "images", include_bad=False, photos=PHOTOS[:1])
+    script = textwrap.dedent(
+        f"""
+        import json, ray
+        from pipeline.runner import run
+        from pipeline.spec import parse_spec
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+        spec = parse_spec({{"input": "{tmp_path}/images", "output": "{tmp_path}/out"}},
+                          {SMALL!r} + ["inference.gpus_per_actor=1"])
+        result = run(spec, progress=False)
+        print("RESULT", json.dumps({{"rows": result.rows}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'RESULT {"rows": 14}' in done.stdout
+    (manifest,) = read_manifests(OutputLocation.open(str(tmp_path / "out")))
+    assert [actor["gpu_ids"] for actor in manifest["actors"]] == [["0"]]
+    assert manifest["spec"]["inference"]["gpus_per_actor"] == 1

@@ -1,0 +1,83 @@
+"""The predictor on its own: one trace for every batch shape, padding, error rows, and reduced precision."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.predict import Predictor
+from pipeline.spec import InferenceSpec, ModelSpec
+
+
+def batch(n_ok: int, n_error: int, size: int = 64) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(n_ok * 100 + n_error)
+    n = n_ok + n_error
+    status = np.array(["ok"] * n_ok + ["error"] * n_error, dtype=object)
+    return {
+        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
+        "source": np.array(["shard"] * n, dtype=object),
+        "status": status,
+        "error": np.array([""] * n_ok + ["empty file (0 bytes)"] * n_error, dtype=object),
+        "width": np.array([size] * n_ok + [-1] * n_error, np.int32),
+        "height": np.array([size] * n_ok + [-1] * n_error, np.int32),
+        "pixels": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    }
+
+
+def predictor(precision: str = "float32", **model) -> Predictor:
+    spec = ModelSpec(depth=18, weights="random", seed=5, top_k=3, **model)
+    return Predictor(spec, InferenceSpec(batch_size=4, precision=precision), 64, "float32", "run-1")
+
+
+@pytest.fixture(autouse=True)
+def restore_precision():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_one_trace_for_every_batch_shape():
+    model = predictor()
+    assert model.forward.experimental_get_tracing_count() == 1  # traced in the constructor
+    tables = [model(batch(n_ok, n_error)) for n_ok, n_error in [(4, 0), (3, 1), (1, 0), (9, 2), (0, 3)]]
+    assert model.forward.experimental_get_tracing_count() == 1
+    assert [t.num_rows for t in tables] == [4, 4, 1, 11, 3]
+
+
+def test_padding_does_not_change_results():
+    model = predictor()
+    full = model(batch(4, 0)).column("embedding").to_numpy(zero_copy_only=False)
+    data = batch(4, 0)
+    partial = model({k: v[:2] for k, v in data.items()}).column("embedding").to_numpy(zero_copy_only=False)
+    np.testing.assert_allclose(np.stack(partial), np.stack(full[:2]), rtol=1e-5, atol=1e-6)
+
+
+def test_error_rows_are_null_where_the_contract_says():
+    rows = predictor()(batch(2, 2)).to_pylist()
+    ok, error = rows[:2], rows[2:]
+    assert all(r["status"] == "ok" and r["error"] is None and len(r["top_k"]) == 3 for r in ok)
+    assert all(r["class_id"] == r["top_k"][0]["class_id"] and r["label"] == r["top_k"][0]["label"] for r in ok)
+    assert all(r["top_k"][0]["score"] >= r["top_k"][1]["score"] >= r["top_k"][2]["score"] for r in ok)
+    for row in error:
+        assert row["error"] == "empty file (0 bytes)"
+        assert [row[c] for c in ("label", "class_id", "score", "top_k", "embedding", "width", "height")] == [None] * 7
+        assert row["model"] == "resnet18" and row["run_id"] == "run-1"
+
+
+def test_custom_labels_set_the_class_count(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\nfish\n")
+    rows = predictor(labels=str(labels))(batch(2, 0)).to_pylist()
+    assert {c["label"] for r in rows for c in r["top_k"]} <= {"cat", "dog", "bird", "fish"}
+    assert all(c["wnid"] is None for r in rows for c in r["top_k"])
+
+
+def test_mixed_bfloat16_stays_close_to_float32():
+    data = batch(4, 0)
+    reference = predictor()(data)
+    keras.mixed_precision.set_global_policy("float32")
+    reduced = predictor("mixed_bfloat16")(data)
+    a = np.stack(reference.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(reduced.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
+    assert reduced.column("embedding").type.value_type == reference.column("embedding").type.value_type
