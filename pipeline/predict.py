@@ -30,6 +30,45 @@ def configure_tensorflow(precision: str) -> None:
     keras.mixed_precision.set_global_policy(precision)
 
 
+class CompiledModel:
+    """A model's forward pass compiled once for uint8 ``[batch_size, size, size, 3]`` input: 'caffe' preprocessing,
+    top-k and the pooled embedding in one call. Any number of images is run in padded batches of that shape."""
+
+    def __init__(self, model, batch_size: int, image_size: int, top_k: int, jit_compile: bool = False):
+        import tensorflow as tf
+
+        from pipeline.model import caffe_preprocess
+
+        self.batch_size = batch_size
+
+        @tf.function(
+            jit_compile=jit_compile,
+            input_signature=[tf.TensorSpec([batch_size, image_size, image_size, 3], tf.uint8)],
+        )
+        def forward(images):
+            outputs = model(caffe_preprocess(images), training=False)
+            scores, class_ids = tf.math.top_k(tf.cast(outputs["predictions"], tf.float32), k=top_k)
+            return class_ids, scores, tf.cast(outputs["embedding"], tf.float32)
+
+        self.forward = forward
+        self.forward(tf.zeros([batch_size, image_size, image_size, 3], tf.uint8))  # trace now, not on batch 1
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Class ids, scores (``[n, k]``) and embeddings (``[n, D]``) for any number of images."""
+        ids, scores, embeddings = [], [], []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start : start + self.batch_size]
+            padded = chunk
+            if len(chunk) < self.batch_size:  # same shape every call: no retracing
+                padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.uint8)
+                padded[: len(chunk)] = chunk
+            class_ids, top_scores, embedding = (t.numpy()[: len(chunk)] for t in self.forward(padded))
+            ids.append(class_ids)
+            scores.append(top_scores)
+            embeddings.append(embedding)
+        return np.concatenate(ids), np.concatenate(scores), np.concatenate(embeddings)
+
+
 class Predictor:
     def __init__(
         self,
@@ -44,7 +83,7 @@ class Predictor:
         configure_tensorflow(inference.precision)
         import tensorflow as tf
 
-        from pipeline.model import Labels, caffe_preprocess, create_model, imagenet_labels
+        from pipeline.model import Labels, create_model, imagenet_labels
 
         labels = Labels.from_file(model_spec.labels, model_spec.storage_options) if model_spec.labels else None
         classes = model_spec.classes or (len(labels) if labels else 1000)
@@ -70,19 +109,7 @@ class Predictor:
         self.timer = timer
         self.schema = output_schema(model.output["embedding"].shape[-1], embedding_dtype)
 
-        top_k = self.top_k
-
-        @tf.function(
-            jit_compile=inference.jit_compile,
-            input_signature=[tf.TensorSpec([self.batch_size, image_size, image_size, 3], tf.uint8)],
-        )
-        def forward(images):
-            outputs = model(caffe_preprocess(images), training=False)
-            scores, class_ids = tf.math.top_k(tf.cast(outputs["predictions"], tf.float32), k=top_k)
-            return class_ids, scores, tf.cast(outputs["embedding"], tf.float32)
-
-        self.forward = forward
-        self.forward(tf.zeros([self.batch_size, image_size, image_size, 3], tf.uint8))  # trace now, not on batch 1
+        self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
         self.startup_seconds = time.perf_counter() - started
         if timer is not None:
             import ray
@@ -97,27 +124,12 @@ class Predictor:
                 }
             )
 
-    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Class ids, scores (``[n, k]``) and embeddings (``[n, D]``) for any number of images."""
-        ids, scores, embeddings = [], [], []
-        for start in range(0, len(pixels), self.batch_size):
-            chunk = pixels[start : start + self.batch_size]
-            padded = chunk
-            if len(chunk) < self.batch_size:  # same shape every call: no retracing
-                padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.uint8)
-                padded[: len(chunk)] = chunk
-            class_ids, top_scores, embedding = (t.numpy()[: len(chunk)] for t in self.forward(padded))
-            ids.append(class_ids)
-            scores.append(top_scores)
-            embeddings.append(embedding)
-        return np.concatenate(ids), np.concatenate(scores), np.concatenate(embeddings)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"
         n = len(ok)
         started = time.perf_counter()
         if ok.any():
-            ok_ids, ok_scores, ok_embeddings = self.predict_pixels(batch["pixels"][ok])
+            ok_ids, ok_scores, ok_embeddings = self.compiled(batch["pixels"][ok])
         else:
             dim = self.schema.field("embedding").type.list_size
             ok_ids = np.zeros((0, self.top_k), np.int32)

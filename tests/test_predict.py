@@ -38,9 +38,9 @@ def restore_precision():
 
 def test_one_trace_for_every_batch_shape():
     model = predictor()
-    assert model.forward.experimental_get_tracing_count() == 1  # traced in the constructor
+    assert model.compiled.forward.experimental_get_tracing_count() == 1  # traced in the constructor
     tables = [model(batch(n_ok, n_error)) for n_ok, n_error in [(4, 0), (3, 1), (1, 0), (9, 2), (0, 3)]]
-    assert model.forward.experimental_get_tracing_count() == 1
+    assert model.compiled.forward.experimental_get_tracing_count() == 1
     assert [t.num_rows for t in tables] == [4, 4, 1, 11, 3]
 
 

@@ -80,3 +80,19 @@ def test_bad_images_raise_with_a_reason(data, reason):
 def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(DecodeError, match="too large: 300x200"):
         decode(encode(Image.new("RGB", (300, 200))), max_pixels=50_000)
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_result():
+    from pipeline.decode import _draft, fit
+    from pipeline.samples import photo
+
+    big = photo("china.jpg").resize((2560, 1708), Image.Resampling.BICUBIC)
+    data = encode(big, quality=95)
+    opened = Image.open(io.BytesIO(data))
+    _draft(opened, "crop", 224)
+    assert opened.size == (640, 427)  # libjpeg decodes at 1/4 scale: still over 256 on the short side
+
+    drafted, width, height = decode(data, "crop")
+    full = fit(Image.open(io.BytesIO(data)).convert("RGB"), "crop")
+    assert (width, height) == (2560, 1708)  # the original size is reported, not the drafted one
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 4  # the same picture, within resampling noise

@@ -101,3 +101,20 @@ def test_credentials_are_redacted_but_still_used():
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
 def test_embedding_dim_known_without_building_the_model(depth):
     assert parse_spec(MINIMAL, [f"model.depth={depth}"]).model.embedding_dim == embedding_dim(DEPTHS[depth])
+
+
+def test_the_example_spec_lists_every_field_with_its_default():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "jobs" / "example.yaml"
+    document = yaml.safe_load(path.read_text())
+    spec = load_spec(path)
+    defaults = parse_spec({"input": spec.input.url, "output": spec.output.url})
+    assert spec == defaults  # every value shown is the default, apart from the URLs
+
+    def keys(value, prefix=""):
+        if isinstance(value, dict) and not prefix.endswith("storage_options"):
+            return {k for key, v in value.items() for k in keys(v, f"{prefix}.{key}".lstrip("."))} | {prefix}
+        return {prefix}
+
+    assert keys(document) == keys(spec.model_dump())  # no field left out
