@@ -1,0 +1,233 @@
+"""Throughput of the labeling pipeline against the model alone and two baselines, in one run, same images.
+
+    python benchmarks/throughput.py --images 1200 --batch-size 32
+
+(a) model only      the compiled forward pass (the pipeline's own CompiledModel) on decoded batches, steady state
+(b) naive loop      one process: PIL decode + crop, then the same compiled model, batch by batch
+(c) Ray docs        read_images(size=(224, 224), mode="RGB") + map_batches(callable class, ActorPoolStrategy)
+                    with the same compiled model and batch size, written to Parquet
+(d) this pipeline   `resnet-pipeline run`, written to Parquet with manifest
+
+(b), (c) and (d) run as whole processes, timed from start to exit (imports, Ray start-up, model build included).
+(c) and (d) also run over twice the images, so their steady-state rate is N / (T(2N) - T(N)): the rate once
+running, with start-up subtracted, which is what compares fairly with (a). ResNet-50, float32, random weights.
+The images are 640x480 JPEG crops of the two photographs that ship with scikit-learn, flipped and shifted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from pipeline.samples import PHOTOS, photo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(folder.glob("*.jpg"))
+    if len(existing) == count:
+        return existing
+    rng = np.random.default_rng(seed)
+    sources = [photo(name).resize((1280, 854), Image.Resampling.BICUBIC) for name in PHOTOS]
+    paths = []
+    for i in range(count):
+        image = sources[i % len(sources)]
+        x, y = int(rng.integers(0, 1280 - 640)), int(rng.integers(0, 854 - 480))
+        crop = image.crop((x, y, x + 640, y + 480))
+        if rng.random() < 0.5:
+            crop = ImageOps.mirror(crop)
+        path = folder / f"img-{i:06d}.jpg"
+        crop.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# --- the measured programs, each run in a fresh process -----------------------------------------------------------
+
+
+def compiled_resnet50(batch_size: int):
+    from pipeline.model import create_model
+    from pipeline.predict import CompiledModel
+
+    model = create_model("resnet50", weights="random", input_shape=(224, 224, 3), with_embedding=True)
+    return CompiledModel(model, batch_size, 224, top_k=5)
+
+
+def model_only(batch_size: int, batches: int) -> dict:
+    import numpy as np
+
+    from pipeline.decode import decode
+
+    compiled = compiled_resnet50(batch_size)
+    images = sorted(Path(os.environ["BENCH_IMAGES"]).glob("*.jpg"))[:batch_size]
+    pixels = np.stack([decode(p.read_bytes())[0] for p in images])
+    times = []
+    for _ in range(batches):
+        started = time.perf_counter()
+        compiled(pixels)
+        times.append(time.perf_counter() - started)
+    second_half = times[len(times) // 2 :]
+    return {"images_per_second": batch_size * len(second_half) / sum(second_half), "batches": batches}
+
+
+def naive_loop(batch_size: int, folder: str, output: str) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.decode import decode
+
+    compiled = compiled_resnet50(batch_size)
+    paths = sorted(Path(folder).glob("*.jpg"))
+    ids, embeddings = [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        pixels = np.stack([decode(p.read_bytes())[0] for p in chunk])
+        class_ids, _, embedding = compiled(pixels)
+        ids.append(class_ids)
+        embeddings.append(embedding)
+    table = pa.table({"class_ids": list(np.concatenate(ids)), "embedding": list(np.concatenate(embeddings))})
+    pq.write_table(table, output)
+    return {"rows": table.num_rows}
+
+
+def ray_docs_pattern(batch_size: int, folder: str, output: str) -> dict:
+    """As Ray's batch-inference guide writes it (read_images, a callable class, an actor pool)."""
+    import ray
+
+    class ResNetPredictor:
+        def __init__(self):
+            self.model = compiled_resnet50(batch_size)
+
+        def __call__(self, batch):
+            class_ids, scores, embeddings = self.model(batch["image"])
+            return {"class_ids": class_ids, "scores": scores, "embedding": embeddings}
+
+    ds = ray.data.read_images(folder, size=(224, 224), mode="RGB")
+    predictions = ds.map_batches(
+        ResNetPredictor, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), batch_size=batch_size
+    )
+    predictions.write_parquet(output)
+    return {"rows": ray.data.read_parquet(output).count()}
+
+
+def pipeline_run(batch_size: int, folder: str, output: str) -> dict:
+    spec = {"input": folder, "output": output}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump(spec, f)
+    command = [
+        sys.executable, "-m", "pipeline", "run", f.name, "--quiet",
+        "--set", "model.weights=random", "--set", f"inference.batch_size={batch_size}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (manifest,) = Path(output, "_runs").glob("*.json")
+    record = json.loads(manifest.read_text())
+    return {"rows": record["counts"]["rows"], "stage_seconds": record["stage_seconds"]}
+
+
+PROGRAMS = {"model": model_only, "naive": naive_loop, "ray_docs": ray_docs_pattern, "pipeline": pipeline_run}
+
+
+def timed(program: str, *args) -> dict:
+    """Run one program in a fresh Python process; wall time from process start to exit."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(HERE), "--worker", program, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{program} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "wall_seconds": round(wall, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model-batches", type=int, default=40)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "resnet-pipeline-bench")
+    parser.add_argument("--only", nargs="*", default=["model", "naive", "ray_docs", "pipeline"])
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        program, *rest = args.worker
+        converted = [int(value) if value.isdigit() else value for value in rest]
+        print(json.dumps(PROGRAMS[program](*converted)))
+        return
+
+    n, batch = args.images, args.batch_size
+    first = make_images(args.workdir / "images" / "first", n, seed=1)
+    make_images(args.workdir / "images" / "second", n, seed=2)
+    both = args.workdir / "images-both"  # the 2N set: both halves, side by side
+    both.mkdir(exist_ok=True)
+    for path in sorted((args.workdir / "images").glob("*/*.jpg")):
+        link = both / f"{path.parent.name}-{path.name}"
+        if not link.exists():
+            link.symlink_to(path)
+    os.environ["BENCH_IMAGES"] = str(first[0].parent)
+    outputs = Path(tempfile.mkdtemp(prefix="outputs-", dir=args.workdir))
+
+    results: dict[str, dict] = {}
+    if "model" in args.only:
+        results["a_model_only"] = timed("model", batch, args.model_batches)
+    if "naive" in args.only:
+        results["b_naive"] = timed("naive", batch, first[0].parent, outputs / "naive.parquet")
+    for key, program in (("c_ray_docs", "ray_docs"), ("d_pipeline", "pipeline")):
+        if program not in args.only:
+            continue
+        once = timed(program, batch, first[0].parent, outputs / f"{program}-n")
+        twice = timed(program, batch, both, outputs / f"{program}-2n")
+        assert once["rows"] == n and twice["rows"] == 2 * n, (once, twice)
+        results[key] = {
+            "end_to_end": once,
+            "twice_the_images": twice,
+            "images_per_second": n / once["wall_seconds"],
+            "steady_images_per_second": n / (twice["wall_seconds"] - once["wall_seconds"]),
+        }
+    if "naive" in args.only:
+        results["b_naive"]["images_per_second"] = n / results["b_naive"]["wall_seconds"]
+
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "command": " ".join(sys.argv),
+        "images": n,
+        "batch_size": batch,
+        "results": results,
+    }
+    rate = {key: value["images_per_second"] for key, value in results.items()}
+    if {"a_model_only", "d_pipeline"} <= rate.keys():
+        report["d_steady/a"] = results["d_pipeline"]["steady_images_per_second"] / rate["a_model_only"]
+        report["d/a (end to end)"] = rate["d_pipeline"] / rate["a_model_only"]
+    if {"b_naive", "d_pipeline"} <= rate.keys():
+        report["d/b"] = rate["d_pipeline"] / rate["b_naive"]
+    if {"c_ray_docs", "d_pipeline"} <= rate.keys():
+        report["d/c (end to end)"] = rate["d_pipeline"] / rate["c_ray_docs"]
+        report["d_steady/c_steady"] = (
+            results["d_pipeline"]["steady_images_per_second"] / results["c_ray_docs"]["steady_images_per_second"]
+        )
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
