@@ -55,6 +55,14 @@ def _huge_header(_: Image.Image) -> bytes:
     return bytes(data)
 
 
+def _broken_crc(image: Image.Image) -> bytes:
+    """A PNG whose first image-data chunk has a wrong checksum (a bit flipped in transit)."""
+    data = bytearray(_save(image.resize((64, 48)), "PNG"))
+    idat = data.index(b"IDAT")
+    data[idat + 8] ^= 0xFF  # a byte of compressed data; the chunk's CRC no longer matches
+    return bytes(data)
+
+
 # name -> how to make it from a photograph. Kept as data so tests can list what each case exercises.
 VARIANTS: dict[str, Callable[[Image.Image], bytes]] = {
     "photo.jpg": lambda im: _save(im, "JPEG", quality=92),
@@ -78,6 +86,7 @@ BAD_FILES: dict[str, Callable[[Image.Image], bytes]] = {
     "html-page.jpg": lambda im: b"<!doctype html><html><body>Not found</body></html>",
     "random-bytes.png": lambda im: np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
     "huge-header.png": _huge_header,
+    "broken-crc.png": _broken_crc,
 }
 
 

@@ -108,7 +108,9 @@ def test_bad_images_become_error_rows_with_reasons(sample_run):
         "bad-random-bytes.png": "not a readable image",
         "bad-huge-header.png": "too large",
         "bad-truncated.jpg": "corrupt image data",
+        "bad-broken-crc.png": "corrupt image data",
     }
+    assert set(expected) == {f"bad-{name}" for name in BAD_FILES}
     for name, reason in expected.items():
         row = rows[name]
         assert row["status"] == "error" and reason in row["error"], (name, row["error"])
@@ -124,25 +126,26 @@ def test_output_contract_files_and_manifest(sample_run):
     _, result = sample_run
     location = OutputLocation.open(result.output_url)
     (manifest,) = read_manifests(location)
-    assert len(manifest["files"]) == 1  # 33 rows in batches of 4: one file, not one per batch
+    good, bad = len(VARIANTS) * len(PHOTOS), len(BAD_FILES)
+    assert len(manifest["files"]) == 1  # 34 rows in batches of 4: one file, not one per batch
     table = pq.read_table(location.path(manifest["files"][0]))
     assert table.schema.equals(output_schema(512, "float32"))
     assert not list(Path(location.root).glob("_staging/*"))
 
-    assert manifest["counts"] == {"rows": 33, "ok": 28, "error": 5}
+    assert manifest["counts"] == {"rows": good + bad, "ok": good, "error": bad}
     assert manifest["model"]["fingerprint"] == table.column("model_fingerprint")[0].as_py()
     assert manifest["model"]["random_weights"] is True
-    assert len(manifest["shards"]) == 33 and all(s["size"] is not None for s in manifest["shards"])
+    assert len(manifest["shards"]) == good + bad and all(s["size"] is not None for s in manifest["shards"])
     for stage in ("list", "ray_init", "read", "decode", "predict", "model_startup", "pipeline"):
         assert manifest["stage_seconds"][stage]["seconds"] >= 0, stage
-    assert manifest["stage_seconds"]["predict"]["items"] == 28
+    assert manifest["stage_seconds"]["predict"]["items"] == good
     assert manifest["actors"] and all("/device:CPU:0" in a["tensorflow_devices"][0] for a in manifest["actors"])
 
     statuses = duckdb.sql(
         f"SELECT status, count(*) AS n, count(embedding) AS with_embedding "
         f"FROM read_parquet('{location.root}/predictions/*/*.parquet') GROUP BY status ORDER BY status"
     ).fetchall()
-    assert statuses == [("error", 5, 0), ("ok", 28, 28)]
+    assert statuses == [("error", bad, 0), ("ok", good, good)]
 
 
 @pytest.fixture(scope="module")
