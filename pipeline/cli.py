@@ -39,13 +39,15 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _run_job(spec, address: str | None, quiet: bool):
-    from pipeline.runner import PreflightError, run
+    from pipeline.runner import PreflightError, RunFailed, run
     from pipeline.sources import InputError
 
     try:
         return run(spec, address=address, progress=not quiet)
     except (InputError, PreflightError) as error:
         raise _fail(str(error)) from None
+    except RunFailed as error:
+        raise _fail(str(error), code=1) from None
 
 
 def _summary(result) -> None:

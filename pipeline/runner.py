@@ -32,6 +32,10 @@ class PreflightError(ValueError):
     """Something the run would fail on later, found before any work; the message names the field."""
 
 
+class RunFailed(RuntimeError):
+    """A run that did its work but must not be committed (too many errors); nothing was made visible."""
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -184,6 +188,11 @@ def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None,
         )
         written = time.perf_counter()
         staged: StagedOutput = inspect_staged(location, run_id)
+        if staged.rows and staged.error / staged.rows > spec.max_error_fraction:
+            raise RunFailed(
+                f"{staged.error} of {staged.rows} images failed ({staged.error / staged.rows:.1%}), over "
+                f"max_error_fraction {spec.max_error_fraction:.1%}: run {run_id} was not committed"
+            )
         stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
     except BaseException:
         discard(location, run_id)
@@ -256,4 +265,4 @@ def _fingerprint_of(location: OutputLocation, staged: StagedOutput) -> str | Non
     return None
 
 
-__all__ = ["InputError", "PreflightError", "RunResult", "preflight", "run"]
+__all__ = ["InputError", "PreflightError", "RunFailed", "RunResult", "preflight", "run"]

@@ -85,8 +85,7 @@ def commit(location: OutputLocation, run_id: str, staged: StagedOutput, manifest
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.mv(path, target)
         committed.append(target[len(location.root) + 1 :])
-    if fs.exists(location.staging(run_id)):
-        fs.rm(location.staging(run_id), recursive=True)
+    discard(location, run_id)
     manifest = {**manifest, "files": committed}
     fs.makedirs(location.path(RUNS), exist_ok=True)
     with fs.open(location.manifest_path(run_id), "w") as f:
@@ -95,10 +94,16 @@ def commit(location: OutputLocation, run_id: str, staged: StagedOutput, manifest
 
 
 def discard(location: OutputLocation, run_id: str) -> None:
-    """Remove a failed run's staged files."""
-    staging = location.staging(run_id)
-    if location.fs.exists(staging):
-        location.fs.rm(staging, recursive=True)
+    """Remove a run's staging folder (and ``_staging`` itself once no run is using it)."""
+    fs, staging = location.fs, location.staging(run_id)
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    parent = location.path(STAGING)
+    try:
+        if fs.exists(parent) and not fs.ls(parent):
+            fs.rmdir(parent)
+    except OSError:
+        pass  # another run created its staging folder meanwhile
 
 
 def read_manifests(location: OutputLocation) -> list[dict[str, Any]]:

@@ -100,6 +100,9 @@ class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     decode: DecodeSpec = Field(default_factory=DecodeSpec)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    max_error_fraction: float = Field(
+        1.0, ge=0, le=1, description="Fail the run, committing nothing, if more of its images than this fail."
+    )
 
     def redacted(self) -> dict[str, Any]:
         """The spec as plain data with every credential-like storage option replaced by ``***``."""

@@ -11,6 +11,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from pipeline.samples import BAD_FILES, VARIANTS, write_samples
+
 SMALL = ["--set", "model.depth=18", "--set", "model.weights=random", "--set", "decode.image_size=64"]
 
 
@@ -27,13 +29,12 @@ def write_spec(path: Path, document: dict) -> Path:
 
 @pytest.mark.slow
 def test_run_end_to_end(tmp_path):
-    from pipeline.samples import write_samples
 
     paths = write_samples(tmp_path / "images", photos=("flower.jpg",))
     spec = write_spec(tmp_path / "job.yaml", {"input": str(tmp_path / "images"), "output": str(tmp_path / "out")})
     result = cli("run", str(spec), *SMALL, "--set", "model.top_k=2", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{len(paths)} (14 ok, 5 failed)" in result.stdout
+    assert f"{len(paths)} ({len(VARIANTS)} ok, {len(BAD_FILES)} failed)" in result.stdout
     assert "images/s" in result.stdout and str(tmp_path / "out") in result.stdout
     table = ds.dataset(tmp_path / "out" / "predictions", format="parquet").to_table()
     assert table.num_rows == len(paths)
@@ -50,8 +51,20 @@ def test_demo_with_random_weights(tmp_path):
     for name in ("china-photo.jpg", "flower-exif-rotated.jpg", "bad-html-page.jpg"):
         assert name in result.stdout
     assert "error: empty file" in result.stdout
-    assert "33 (28 ok, 5 failed)" in result.stdout
+    good, bad = 2 * len(VARIANTS), len(BAD_FILES)
+    assert f"{good + bad} ({good} ok, {bad} failed)" in result.stdout
     assert list((tmp_path / "demo" / "output" / "_runs").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_too_many_errors_fail_the_run_and_commit_nothing(tmp_path):
+    write_samples(tmp_path / "images", photos=("flower.jpg",))  # 6 of 20 files are broken: 30 %
+    spec = write_spec(tmp_path / "job.yaml", {"input": str(tmp_path / "images"), "output": str(tmp_path / "out")})
+    result = cli("run", str(spec), *SMALL, "--set", "max_error_fraction=0.25", "--quiet")
+    assert result.returncode == 1
+    assert f"{len(BAD_FILES)} of {len(BAD_FILES) + len(VARIANTS)} images failed" in result.stderr
+    assert "over max_error_fraction 25.0%" in result.stderr and "not committed" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no predictions/, no _runs/, no _staging/
 
 
 def test_demo_without_cached_imagenet_weights_says_how_to_continue(tmp_path):
