@@ -124,57 +124,16 @@ def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None,
 
     _init_ray(address)
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
-    from pipeline.decode import decode_shards
     from pipeline.metrics import StageTimer
-    from pipeline.predict import Predictor
 
     context = DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
     timer = StageTimer.remote()
-    tasks = _read_tasks(shards, spec.input.files_per_task)
-    input_options = {
-        "storage_options": spec.input.storage_options,
-        "image_column": spec.input.image_column,
-        "id_column": spec.input.id_column,
-    }
-    dataset = (
-        ray.data.from_items([{"shards": task} for task in tasks], override_num_blocks=len(tasks))
-        .map_batches(
-            decode_shards,
-            batch_size=1,
-            fn_kwargs={
-                "input_options": input_options,
-                "preprocessing": spec.decode.preprocessing,
-                "image_size": spec.decode.image_size,
-                "max_pixels": spec.decode.max_pixels,
-                "rows_per_batch": DECODED_ROWS_PER_BLOCK,
-                "timer": timer,
-            },
-        )
-        .map_batches(
-            Predictor,
-            batch_size=spec.inference.batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=spec.inference.actors.min, max_size=spec.inference.actors.max),
-            num_gpus=spec.inference.gpus_per_actor or None,
-            num_cpus=spec.inference.cpus_per_actor,
-            # Reserving the model's memory keeps Ray from packing more actors on a node than fit. It also keeps Ray
-            # Data from fusing decoding into the actors (different remote args): decoding scales with CPUs.
-            memory=spec.inference.actor_memory_gb * 2**30,
-            fn_constructor_kwargs={
-                "model_spec": spec.model,
-                "inference": spec.inference,
-                "image_size": spec.decode.image_size,
-                "embedding_dtype": spec.output.embedding_dtype,
-                "run_id": run_id,
-                "timer": timer,
-            },
-        )
-    )
+    dataset = _plan(spec, shards, run_id, timer)
     staging = location.staging(run_id)
     try:
         target_rows = rows_per_file(
@@ -223,8 +182,8 @@ def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None,
         "shards": [shard.to_dict() for shard in shards],
         "host": {"python": platform.python_version(), "ray": ray.__version__},
     }
-    fingerprint = _fingerprint_of(location, staged)
-    manifest["model"]["fingerprint"] = fingerprint
+    fingerprints = staged.fingerprints
+    manifest["model"]["fingerprint"] = fingerprints[0] if len(fingerprints) == 1 else fingerprints
     manifest_url = commit(location, run_id, staged, manifest)
     return RunResult(
         run_id=run_id,
@@ -235,6 +194,56 @@ def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None,
         error=staged.error,
         wall_seconds=time.perf_counter() - started,
         stage_seconds=stage_seconds,
+    )
+
+
+def _plan(spec: JobSpec, shards: list[Shard], run_id: str, timer):
+    """The Ray Data plan: shard descriptions -> decode tasks -> predictor actor pool."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.decode import decode_shards
+    from pipeline.predict import Predictor
+
+    tasks = _read_tasks(shards, spec.input.files_per_task)
+    input_options = {
+        "storage_options": spec.input.storage_options,
+        "image_column": spec.input.image_column,
+        "id_column": spec.input.id_column,
+    }
+    return (
+        ray.data.from_items([{"shards": task} for task in tasks], override_num_blocks=len(tasks))
+        .map_batches(
+            decode_shards,
+            batch_size=1,
+            fn_kwargs={
+                "input_options": input_options,
+                "preprocessing": spec.decode.preprocessing,
+                "image_size": spec.decode.image_size,
+                "max_pixels": spec.decode.max_pixels,
+                "rows_per_batch": DECODED_ROWS_PER_BLOCK,
+                "timer": timer,
+            },
+        )
+        .map_batches(
+            Predictor,
+            batch_size=spec.inference.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=spec.inference.actors.min, max_size=spec.inference.actors.max),
+            num_gpus=spec.inference.gpus_per_actor or None,
+            num_cpus=spec.inference.cpus_per_actor,
+            # Reserving the model's memory keeps Ray from packing more actors on a node than fit. It also keeps Ray
+            # Data from fusing decoding into the actors (different remote args): decoding scales with CPUs.
+            memory=spec.inference.actor_memory_gb * 2**30,
+            fn_constructor_kwargs={
+                "model_spec": spec.model,
+                "inference": spec.inference,
+                "image_size": spec.decode.image_size,
+                "embedding_dtype": spec.output.embedding_dtype,
+                "run_id": run_id,
+                "timer": timer,
+            },
+        )
     )
 
 
@@ -251,18 +260,6 @@ def _model_record(spec: JobSpec) -> dict[str, Any]:
         "preprocessing": spec.decode.preprocessing,
         "image_size": spec.decode.image_size,
     }
-
-
-def _fingerprint_of(location: OutputLocation, staged: StagedOutput) -> str | None:
-    """The weights fingerprint the actors stamped on the rows (all actors load the same weights)."""
-    import pyarrow.parquet as pq
-
-    for path in staged.files:
-        with location.fs.open(path, "rb") as f:
-            column = pq.read_table(f, columns=["model_fingerprint"]).column(0)
-        if len(column):
-            return column[0].as_py()
-    return None
 
 
 __all__ = ["InputError", "PreflightError", "RunFailed", "RunResult", "preflight", "run"]

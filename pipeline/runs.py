@@ -59,21 +59,22 @@ class StagedOutput:
     rows: int
     ok: int
     error: int
+    fingerprints: list[str]  # of the weights the actors used: one, unless something went wrong
 
 
 def inspect_staged(location: OutputLocation, run_id: str) -> StagedOutput:
-    """Row and status counts of what a run actually wrote, read back from its files (status column only)."""
-    staging = location.staging(run_id)
-    files = (
-        sorted(p for p in location.fs.find(staging) if p.endswith(".parquet")) if location.fs.exists(staging) else []
-    )
+    """What a run actually wrote, read back from its files (two small columns only)."""
+    fs, staging = location.fs, location.staging(run_id)
+    files = sorted(p for p in fs.find(staging) if p.endswith(".parquet")) if fs.exists(staging) else []
     rows = ok = 0
+    fingerprints: set[str] = set()
     for path in files:
-        with location.fs.open(path, "rb") as f:
-            status = pq.read_table(f, columns=["status"]).column("status")
-        rows += len(status)
-        ok += pc.sum(pc.equal(status, "ok")).as_py() or 0
-    return StagedOutput(files, rows, ok, rows - ok)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["status", "model_fingerprint"])
+        rows += table.num_rows
+        ok += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+        fingerprints.update(pc.unique(table.column("model_fingerprint")).to_pylist())
+    return StagedOutput(files, rows, ok, rows - ok, sorted(fingerprints))
 
 
 def commit(location: OutputLocation, run_id: str, staged: StagedOutput, manifest: dict[str, Any]) -> str:
