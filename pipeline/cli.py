@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import typer
@@ -48,6 +49,26 @@ def _run_job(spec, address: str | None, quiet: bool):
         raise _fail(str(error)) from None
     except RunFailed as error:
         raise _fail(str(error), code=1) from None
+    except Exception as error:  # Ray has already logged the workers' tracebacks; end with the cause in one line
+        raise _fail(f"run failed: {_root_cause(error)}", code=1) from None
+
+
+def _root_cause(error: BaseException) -> str:
+    """One line that says why: the innermost of our own errors if a worker raised one, else the last error line.
+
+    Ray wraps an exception raised in an actor into its own, with the worker's traceback as text.
+    """
+    exception_line = re.compile(r"^\s*([\w.]+(?:Error|Exception)): (.+)$")
+    ours, last = None, None
+    chain: BaseException | None = error
+    while chain is not None:
+        for line in str(chain).splitlines():
+            if match := exception_line.match(line):
+                last = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+                if match.group(1).startswith("pipeline."):
+                    ours = match.group(2)
+        chain = chain.__cause__ or chain.__context__
+    return ours or last or f"{type(error).__name__}: {str(error).strip()[:300]}"
 
 
 def _summary(result) -> None:

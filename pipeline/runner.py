@@ -72,13 +72,14 @@ def preflight(spec: JobSpec) -> list[Shard]:
     """Checks that need no cluster: input listing, weights, labels, output. Returns the shards."""
     shards = list_shards(spec.input.url, spec.input.format, spec.input.storage_options)
     from pipeline.model import LabelError, Labels, WeightsError
-    from pipeline.model.weights import IMAGENET_FILES, imagenet_file, local_copy
+    from pipeline.model.weights import imagenet_file, local_copy
 
     model = spec.model
     try:
         if model.weights == "imagenet":
-            if model.architecture not in IMAGENET_FILES or not model.allow_download:
-                imagenet_file(model.architecture, include_top=True, allow_download=False)
+            # Fetched here when allowed: a download that cannot work fails now, in one line, and the actors on
+            # this node find the file cached.
+            imagenet_file(model.architecture, include_top=True, allow_download=model.allow_download)
         elif model.weights != "random":
             local_copy(model.weights, model.storage_options)
     except WeightsError as error:

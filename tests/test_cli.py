@@ -67,6 +67,20 @@ def test_too_many_errors_fail_the_run_and_commit_nothing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no predictions/, no _runs/, no _staging/
 
 
+@pytest.mark.slow
+def test_a_model_that_fails_in_the_actor_fails_the_run_and_commits_nothing(tmp_path):
+    import keras
+
+    write_samples(tmp_path / "images", include_bad=False, photos=("flower.jpg",))
+    weights = tmp_path / "other.weights.h5"
+    keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3)).save_weights(weights)  # not a ResNet-18
+    spec = write_spec(tmp_path / "job.yaml", {"input": str(tmp_path / "images"), "output": str(tmp_path / "out")})
+    result = cli("run", str(spec), *SMALL, "--set", f"model.weights={weights}", "--quiet")
+    assert result.returncode == 1
+    assert f"run failed: {weights} does not fit resnet18" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_demo_without_cached_imagenet_weights_says_how_to_continue(tmp_path):
     result = cli("demo", "--workdir", str(tmp_path / "demo"))
     assert result.returncode == 2
@@ -75,6 +89,15 @@ def test_demo_without_cached_imagenet_weights_says_how_to_continue(tmp_path):
     assert "resnet-pipeline demo --download-weights" in result.stderr
     assert "--set model.weights=random" in result.stderr
     assert not (tmp_path / "demo" / "output").exists()  # stopped before any work
+
+
+def test_a_download_that_cannot_work_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_PIPELINE_WEIGHTS_URL", "http://127.0.0.1:9/keras/")  # nothing listens there
+    result = cli("demo", "--workdir", str(tmp_path / "demo"), "--download-weights")
+    assert result.returncode == 2
+    assert "model.weights: Could not fetch weights from http://127.0.0.1:9/keras/resnet50_weights" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "demo" / "output").exists()
 
 
 @pytest.mark.parametrize(
