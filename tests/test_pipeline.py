@@ -224,3 +224,52 @@ def test_gpu_scheduling_path_on_a_cpu_machine(tmp_path):
     (manifest,) = read_manifests(OutputLocation.open(str(tmp_path / "out")))
     assert [actor["gpu_ids"] for actor in manifest["actors"]] == [["0"]]
     assert manifest["spec"]["inference"]["gpus_per_actor"] == 1
+
+
+def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
+    """SIGKILL the model actor's process mid-run: Ray starts a new one, its batches are retried, and every input
+    still ends as exactly one row."""
+    import os
+    import shutil
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    source = write_samples(tmp_path / "samples", include_bad=False, photos=PHOTOS[:1])
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):  # 560 images: long enough to kill the actor while it works
+        for path in source:
+            shutil.copy(path, images / f"{i:02d}-{path.name}")
+    spec = parse_spec(
+        {"input": str(images), "output": str(tmp_path / "out")},
+        ["model.depth=50", "model.weights=random", "inference.batch_size=8"],
+    )
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=run(spec, progress=False)), daemon=True)
+    worker.start()
+
+    def predictor_processes():
+        return [
+            p for p in psutil.process_iter(["cmdline"]) if "MapBatches(Predictor)" in " ".join(p.info["cmdline"] or [])
+        ]
+
+    deadline = time.monotonic() + 120
+    while not predictor_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (victim,) = predictor_processes()
+    while sum(victim.cpu_times()[:2]) < 20 and time.monotonic() < deadline:
+        time.sleep(0.2)  # past the model's start-up (about 8 CPU-seconds), in the middle of predicting
+    assert worker.is_alive(), "the run finished before the actor could be killed; make it longer"
+    os.kill(victim.pid, signal.SIGKILL)
+    worker.join(timeout=300)
+
+    result = outcome["result"]
+    rows = read_rows(result)
+    ids = [row["image_id"] for row in rows]
+    assert len(ids) == len(set(ids)) == 40 * len(source)
+    assert all(row["status"] == "ok" for row in rows)
+    (manifest,) = read_manifests(OutputLocation.open(result.output_url))
+    assert len(manifest["actors"]) == 2  # the killed one and its replacement
