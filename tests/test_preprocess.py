@@ -96,3 +96,31 @@ def test_large_jpegs_decode_at_reduced_scale_with_the_same_result():
     full = fit(Image.open(io.BytesIO(data)).convert("RGB"), "crop")
     assert (width, height) == (2560, 1708)  # the original size is reported, not the drafted one
     assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 4  # the same picture, within resampling noise
+
+
+@pytest.mark.parametrize(
+    ("variant", "reference", "tolerance"),
+    [
+        ("photo.png", "rgb", 0.01),  # lossless
+        ("photo.bmp", "rgb", 0.01),
+        ("photo.tiff", "rgb", 0.01),
+        ("photo.jpg", "rgb", 3),  # JPEG at quality 92
+        ("photo.webp", "rgb", 4),
+        ("rgba.png", "rgb", 0.01),  # fully opaque alpha: composited onto white changes nothing
+        ("cmyk.jpg", "rgb", 4),
+        ("exif-rotated.jpg", "rgb", 4),  # stored a quarter-turn off; upright again after decoding
+        ("gray.jpg", "gray", 3),
+        ("sixteen-bit.png", "gray", 0.6),  # 16-bit scaled back to 8 bits, not clipped
+        ("palette-transparent.png", "rgb", 12),  # 64 colours
+        ("animated.gif", "rgb", 12),  # the first frame, 128 colours
+    ],
+)
+def test_every_variant_decodes_to_the_picture_it_shows(variant, reference, tolerance):
+    from pipeline.samples import VARIANTS, photo
+
+    original = photo("china.jpg")
+    expected_image = original if reference == "rgb" else original.convert("L").convert("RGB")
+    expected = np.asarray(expected_image.resize((224, 224), Image.Resampling.BILINEAR), dtype=float)
+    pixels, width, height = decode(VARIANTS[variant](original), "squash")
+    assert (width, height) == original.size
+    assert np.abs(pixels.astype(float) - expected).mean() <= tolerance, variant
