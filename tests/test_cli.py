@@ -130,3 +130,28 @@ def test_console_script_help():
     assert result.returncode == 0
     for command in ("run", "demo", "weights"):
         assert command in result.stdout
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_at_once_each_commit_their_own(tmp_path):
+    """Concurrent runs get their own run id, staging folder and files: both commit, neither sees the other's rows."""
+    for name in ("a", "b"):
+        write_samples(tmp_path / name, include_bad=False, photos=("china.jpg",) if name == "a" else ("flower.jpg",))
+    specs = [
+        write_spec(tmp_path / f"{name}.yaml", {"input": str(tmp_path / name), "output": str(tmp_path / "out")})
+        for name in ("a", "b")
+    ]
+    command = [sys.executable, "-m", "pipeline", "run", "--quiet", *SMALL]
+    runs = [subprocess.Popen([*command, str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for spec in specs]
+    for process in runs:
+        process.wait(timeout=600)
+        assert process.returncode == 0, process.stderr.read().decode()[-3000:]
+
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    assert len(manifests) == 2 and manifests[0]["run_id"] != manifests[1]["run_id"]
+    for manifest in manifests:
+        table = ds.dataset([str(tmp_path / "out" / f) for f in manifest["files"]], format="parquet").to_table()
+        sources = {Path(s).parent.name for s in table.column("source").to_pylist()}
+        assert table.num_rows == len(VARIANTS) and len(sources) == 1  # one run's rows, all from its own input
+        assert set(table.column("run_id").to_pylist()) == {manifest["run_id"]}
+    assert not (tmp_path / "out" / "_staging").exists()
