@@ -16,18 +16,9 @@ app.add_typer(weights_app, name="weights")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
-DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
-
 
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _architecture(depth: int) -> str:
-    if depth not in DEPTHS:
-        errors.print(f"[red]--depth must be one of {sorted(DEPTHS)}, got {depth}[/red]")
-        raise typer.Exit(2)
-    return DEPTHS[depth]
 
 
 SetOption = typer.Option([], "--set", help="Override a spec field: --set model.top_k=3 (repeatable).")
@@ -37,6 +28,14 @@ AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     errors.print(f"[red]{message}[/red]", highlight=False)
     return typer.Exit(code)
+
+
+def _architecture(depth: int) -> str:
+    from pipeline.spec import DEPTHS
+
+    if depth not in DEPTHS:
+        raise _fail(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+    return DEPTHS[depth]
 
 
 def _run_job(spec, address: str | None, quiet: bool):
@@ -175,13 +174,12 @@ def weights_fetch(
     no_top: bool = typer.Option(False, "--no-top", help="The file without the classifier (features only)."),
 ) -> None:
     """Download Keras's ImageNet weights into this node's cache (md5-checked)."""
-    from pipeline.model import WeightsError, imagenet_file
+    from pipeline.model.weights import WeightsError, imagenet_file
 
     try:
         path = imagenet_file(_architecture(depth), include_top=not no_top, allow_download=True)
     except WeightsError as error:
-        errors.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        raise _fail(str(error)) from None
     console.print(f"ImageNet weights for ResNet-{depth}: {path}")
 
 

@@ -124,6 +124,20 @@ def test_bad_specs_stop_before_any_work(tmp_path, document, overrides, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_PIPELINE_CACHE", str(tmp_path / "cache"))
+    where = cli("weights", "where")
+    assert where.returncode == 0 and where.stdout.strip() == str(tmp_path / "cache" / "weights")
+    monkeypatch.setenv("RESNET_PIPELINE_WEIGHTS_URL", "http://127.0.0.1:9/keras/")
+    fetch = cli("weights", "fetch", "101")
+    assert fetch.returncode == 2 and "Traceback" not in fetch.stderr
+    assert "Could not fetch weights from http://127.0.0.1:9/keras/resnet101_weights_tf_dim" in fetch.stderr
+    basic = cli("weights", "fetch", "18")
+    assert basic.returncode == 2 and "no published ImageNet weights for resnet18" in basic.stderr
+    unknown = cli("weights", "fetch", "42")
+    assert unknown.returncode == 2 and "depth must be one of [18, 34, 50, 101, 152], got 42" in unknown.stderr
+
+
 def test_console_script_help():
     script = Path(sys.executable).with_name("resnet-pipeline")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
