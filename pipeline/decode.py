@@ -7,6 +7,8 @@ straight to 224x224 and keeps the whole picture.
 from __future__ import annotations
 
 import io
+import json
+import time
 from typing import Literal
 
 import numpy as np
@@ -128,9 +130,6 @@ def decode_shards(
     Every record becomes exactly one row. Error rows carry zero pixels so every batch has one tensor shape; "no
     error" is "" and an unknown size is -1 (the predictor turns both into nulls).
     """
-    import json
-    import time
-
     from pipeline.sources import Shard, read_shard
 
     rows: list[tuple] = []

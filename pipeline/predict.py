@@ -129,7 +129,8 @@ class Predictor:
         n = len(ok)
         started = time.perf_counter()
         if ok.any():
-            ok_ids, ok_scores, ok_embeddings = self.compiled(batch["pixels"][ok])
+            pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the common case
+            ok_ids, ok_scores, ok_embeddings = self.compiled(pixels)
         else:
             dim = self.schema.field("embedding").type.list_size
             ok_ids = np.zeros((0, self.top_k), np.int32)
