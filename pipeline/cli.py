@@ -38,12 +38,12 @@ def _architecture(depth: int) -> str:
     return DEPTHS[depth]
 
 
-def _run_job(spec, address: str | None, quiet: bool):
+def _run_job(spec, address: str | None, quiet: bool, full: bool = False, retry_failed: bool = False):
     from pipeline.runner import PreflightError, RunFailed, run
     from pipeline.sources import InputError
 
     try:
-        return run(spec, address=address, progress=not quiet)
+        return run(spec, address=address, progress=not quiet, full=full, retry_failed=retry_failed)
     except (InputError, PreflightError) as error:
         raise _fail(str(error)) from None
     except RunFailed as error:
@@ -71,9 +71,19 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _summary(result) -> None:
+    plan = result.plan
+    shards = (
+        f"{plan.get('to_read', 0)} read, {plan.get('skipped_unchanged', 0)} unchanged, {plan.get('adopted', 0)} adopted"
+    )
+    if result.manifest_url is None:
+        console.print(f"Nothing to do ({plan.get('mode')} run over {plan.get('listed')} shards: {shards}).")
+        console.print(f"  output      {result.output_url} (no run committed)", soft_wrap=True, highlight=False)
+        return
     stages = ", ".join(f"{name} {value['seconds']:.1f}s" for name, value in result.stage_seconds.items())
+    adopted = f" (progress of crashed run {', '.join(plan['adopted_from'])})" if plan.get("adopted_from") else ""
     lines = [
-        f"[bold]run {result.run_id}[/bold]",
+        f"[bold]run {result.run_id}[/bold] ({plan.get('mode')})",
+        f"  shards      {plan.get('listed')} listed: {shards}{adopted}",
         f"  images      {result.rows} ({result.ok} ok, {result.error} failed)",
         f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s",
         f"  stages      {stages}",
@@ -89,16 +99,93 @@ def run_command(
     overrides: list[str] = SetOption,
     address: str | None = AddressOption,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    full: bool = typer.Option(False, "--full", help="Process every shard, even with incremental: true."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Read again only the images whose newest committed row is an error."
+    ),
 ) -> None:
     """Run a labeling job: read images, predict with ResNet on Ray, write Parquet."""
     _quiet_tensorflow()
     from pipeline.spec import SpecError, load_spec
 
+    if full and retry_failed:
+        raise _fail("--full and --retry-failed exclude each other")
     try:
         spec = load_spec(spec_path, overrides)
     except SpecError as error:
         raise _fail(str(error)) from None
-    _summary(_run_job(spec, address, quiet))
+    _summary(_run_job(spec, address, quiet, full=full, retry_failed=retry_failed))
+
+
+@app.command("retry-failed")
+def retry_failed_command(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL) with committed runs."),
+    overrides: list[str] = SetOption,
+    address: str | None = AddressOption,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Read again the images that ended in error, with the spec of the output's newest run; new rows supersede.
+
+    Credentials are not stored in manifests: they come from the environment, or give them with --set.
+    """
+    _quiet_tensorflow()
+    from pipeline.runs import OutputLocation, read_manifests
+    from pipeline.spec import REDACTED, SpecError, parse_spec
+
+    manifests = read_manifests(OutputLocation.open(output))
+    if not manifests:
+        raise _fail(f"{output}: no committed run to retry (nothing under _runs/)")
+    document = _without_redacted(manifests[-1]["spec"], REDACTED)
+    document["output"]["url"] = output
+    try:
+        spec = parse_spec(document, overrides)
+    except SpecError as error:
+        raise _fail(str(error)) from None
+    _summary(_run_job(spec, address, quiet, retry_failed=True))
+
+
+def _without_redacted(value, redacted: str):
+    if isinstance(value, dict):
+        return {k: _without_redacted(v, redacted) for k, v in value.items() if v != redacted}
+    return value
+
+
+@app.command()
+def query(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
+    sql: str = typer.Argument(..., help="SQL over the views predictions, latest, errors, runs, shards."),
+    output_format: str = typer.Option("table", "--format", help="table | csv | json"),
+) -> None:
+    """SQL over the committed runs of an output (DuckDB). Uncommitted and crashed runs are never seen."""
+    import duckdb
+
+    from pipeline.query import connect
+
+    if output_format not in ("table", "csv", "json"):
+        raise _fail(f"--format must be table, csv or json, got {output_format!r}")
+    try:
+        with connect(output) as db:
+            result = db.execute(sql)
+            columns = [d[0] for d in result.description]
+            rows = result.fetchall()
+    except duckdb.Error as error:
+        raise _fail(f"query failed: {error}") from None
+    if output_format == "json":
+        import json
+
+        typer.echo(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str))
+    elif output_format == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        table = Table(*columns)
+        for row in rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)
 
 
 @app.command()

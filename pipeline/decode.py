@@ -124,12 +124,17 @@ def decode_shards(
     max_pixels: int,
     rows_per_batch: int = 64,
     timer=None,
+    progress: dict | None = None,
 ):
     """Ray Data stage: shard descriptions in, batches of decoded rows out (uint8 pixels, or an error reason).
 
     Every record becomes exactly one row. Error rows carry zero pixels so every batch has one tensor shape; "no
-    error" is "" and an unknown size is -1 (the predictor turns both into nulls).
+    error" is "" and an unknown size is -1 (the predictor turns both into nulls). A task entry may carry ``only``:
+    the image ids to read again (retrying failed images). When all shards of a task are read, the number of rows
+    each gave is recorded under ``progress`` (see :func:`pipeline.runs.record_progress`): a rerun after a crash
+    uses it to tell finished shards from half-written ones.
     """
+    from pipeline.runs import record_progress
     from pipeline.sources import Shard, read_shard
 
     rows: list[tuple] = []
@@ -154,14 +159,19 @@ def decode_shards(
         return out
 
     for task in batch["shards"]:
-        for shard_dict in json.loads(task):
-            records = read_shard(Shard(**shard_dict), input_options)
+        done = []
+        for entry in json.loads(task):
+            only = entry.pop("only", None)
+            shard = Shard(**entry)
+            records = read_shard(shard, input_options, only=None if only is None else set(only))
+            count = 0
             while True:
                 started = time.perf_counter()
                 record = next(records, None)
                 read_seconds += time.perf_counter() - started
                 if record is None:
                     break
+                count += 1
                 started = time.perf_counter()
                 if record.error is not None:
                     rows.append((record.image_id, record.source, record.error, -1, -1, None))
@@ -175,6 +185,9 @@ def decode_shards(
                 decode_seconds += time.perf_counter() - started
                 if len(rows) >= rows_per_batch:
                     yield flush()
+            done.append({**shard.to_dict(), "rows": count, "partial": only is not None})
+        if progress is not None:
+            record_progress(progress, task, done)
     if rows:
         yield flush()
     if timer is not None:

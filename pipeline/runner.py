@@ -9,6 +9,7 @@ weights and labels exist, the output is writable. Only then does Ray start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.runs import OutputLocation, StagedOutput, commit, discard, inspect_staged, new_run_id
+from pipeline.incremental import Plan, adopt, plan_retry, plan_run, work_key
+from pipeline.runs import (
+    Lease,
+    OutputLocation,
+    commit,
+    discard,
+    inspect_staged,
+    new_run_id,
+    read_progress,
+    recover,
+    staged_files,
+)
 from pipeline.sink import arrow_filesystem, rows_per_file
 from pipeline.sources import InputError, Shard, list_shards
 from pipeline.spec import JobSpec
@@ -40,29 +52,30 @@ class RunFailed(RuntimeError):
 class RunResult:
     run_id: str
     output_url: str
-    manifest_url: str
+    manifest_url: str | None  # None: nothing to do, nothing committed
     rows: int
     ok: int
     error: int
     wall_seconds: float
     stage_seconds: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
         return self.rows / self.wall_seconds if self.wall_seconds else 0.0
 
 
-def _read_tasks(shards: list[Shard], files_per_task: int) -> list[str]:
+def _read_tasks(entries: list[dict[str, Any]], files_per_task: int) -> list[str]:
     """One task per container shard; single image files grouped ``files_per_task`` at a time."""
     tasks, files = [], []
-    for shard in shards:
-        if shard.format == "images":
-            files.append(shard.to_dict())
+    for entry in entries:
+        if entry["format"] == "images":
+            files.append(entry)
             if len(files) == files_per_task:
                 tasks.append(json.dumps(files))
                 files = []
         else:
-            tasks.append(json.dumps([shard.to_dict()]))
+            tasks.append(json.dumps([entry]))
     if files:
         tasks.append(json.dumps(files))
     return tasks
@@ -114,15 +127,98 @@ def _init_ray(address: str | None) -> None:
     )
 
 
-def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None, progress: bool = True) -> RunResult:
-    """Run the job; raises InputError/PreflightError before any work, or the Ray error if the run fails."""
+def run(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+    full: bool = False,
+    retry_failed: bool = False,
+) -> RunResult:
+    """Run the job; raises InputError/PreflightError before any work, or the Ray error if the run fails.
+
+    ``full`` ignores ``incremental``; ``retry_failed`` reads only the images whose newest committed row is an error.
+    A run that finds nothing to do commits nothing and returns a result with ``manifest_url`` None.
+    """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
     shards = preflight(spec)
-    listed = time.perf_counter()
-    run_id = run_id or new_run_id(started_at)
     location = OutputLocation.open(spec.output.url, spec.output.storage_options)
+    key, key_parts = work_key(spec)
+    crashed = recover(location)
+    run_id = run_id or new_run_id(started_at)
+    with Lease(location, run_id, key):
+        plan = plan_retry(shards, location) if retry_failed else plan_run(spec, shards, location, key, full=full)
+        adopt(location, crashed, key, plan, run_id)
+        listed = time.perf_counter()
+        if not plan.entries and not plan.adopted_shards:
+            discard(location, run_id)
+            return RunResult(run_id, location.url(), None, 0, 0, 0, time.perf_counter() - started, plan=plan.summary())
+        try:
+            stage_seconds, actors = _execute(spec, plan, location, run_id, progress, address)
+            staged = inspect_staged(location, run_id)
+            shard_records = _check_complete(location, run_id, plan, staged)
+            # A retry reads only failed images: its own error share says nothing about the input.
+            if not retry_failed and staged.rows and staged.error / staged.rows > spec.max_error_fraction:
+                raise RunFailed(
+                    f"{staged.error} of {staged.rows} images failed ({staged.error / staged.rows:.1%}), over "
+                    f"max_error_fraction {spec.max_error_fraction:.1%}: run {run_id} was not committed"
+                )
+        except RunFailed:
+            discard(location, run_id)
+            raise
+        except BaseException:
+            # Rows written so far are kept for the next run with the same work to adopt; a run that got nowhere
+            # leaves nothing.
+            with contextlib.suppress(Exception):
+                if not staged_files(location, run_id):
+                    discard(location, run_id)
+            raise
 
+        import ray
+
+        wall = time.perf_counter() - started
+        stage_seconds["list"] = {"seconds": round(listed - started, 3), "items": len(shards)}
+        manifest = {
+            "run_id": run_id,
+            "status": "committed",
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "wall_seconds": round(wall, 3),
+            "spec": spec.redacted(),
+            "model": {**_model_record(spec), "key": key, "key_parts": key_parts},
+            "plan": plan.summary(),
+            "counts": {"rows": staged.rows, "ok": staged.ok, "error": staged.error},
+            "images_per_second": round(staged.rows / wall, 3) if wall else None,
+            "stage_seconds": stage_seconds,
+            "actors": actors,
+            "host": {"python": platform.python_version(), "ray": ray.__version__},
+        }
+        fingerprints = staged.fingerprints
+        manifest["model"]["fingerprint"] = fingerprints[0] if len(fingerprints) == 1 else fingerprints
+        same_work = [run.run_id for run in crashed if run.key == key]  # adopted, or superseded by this run
+        manifest_url = commit(location, run_id, staged, manifest, shard_records, replaces=same_work)
+    return RunResult(
+        run_id=run_id,
+        output_url=location.url(),
+        manifest_url=manifest_url,
+        rows=staged.rows,
+        ok=staged.ok,
+        error=staged.error,
+        wall_seconds=time.perf_counter() - started,
+        stage_seconds=stage_seconds,
+        plan=plan.summary(),
+    )
+
+
+def _execute(
+    spec: JobSpec, plan: Plan, location: OutputLocation, run_id: str, progress: bool, address: str | None
+) -> tuple[dict[str, Any], list[dict]]:
+    """Run the Ray plan over ``plan.entries``, writing into the run's staging folder. Returns stage times, actors."""
+    if not plan.entries:
+        return {}, []
+    started = time.perf_counter()
     _init_ray(address)
     import ray
     from ray.data import DataContext
@@ -134,71 +230,42 @@ def run(spec: JobSpec, *, address: str | None = None, run_id: str | None = None,
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
     timer = StageTimer.remote()
-    dataset = _plan(spec, shards, run_id, timer)
-    staging = location.staging(run_id)
     try:
         target_rows = rows_per_file(
             spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
         )
-        dataset.write_parquet(
-            staging,
+        _plan(spec, plan.entries, location, run_id, timer).write_parquet(
+            location.staging(run_id),
             filesystem=arrow_filesystem(location.fs),
             min_rows_per_file=target_rows,
             max_rows_per_file=target_rows,
         )
-        written = time.perf_counter()
-        staged: StagedOutput = inspect_staged(location, run_id)
-        if staged.rows and staged.error / staged.rows > spec.max_error_fraction:
-            raise RunFailed(
-                f"{staged.error} of {staged.rows} images failed ({staged.error / staged.rows:.1%}), over "
-                f"max_error_fraction {spec.max_error_fraction:.1%}: run {run_id} was not committed"
-            )
         stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
-    except BaseException:
-        discard(location, run_id)
-        raise
     finally:
         ray.kill(timer)
-
-    wall = time.perf_counter() - started
-    stage_seconds.update(
-        {
-            "list": {"seconds": round(listed - started, 3), "items": len(shards)},
-            "ray_init": {"seconds": round(ray_started - listed, 3), "items": 0},
-            "pipeline": {"seconds": round(written - ray_started, 3), "items": staged.rows},
-        }
-    )
-    manifest = {
-        "run_id": run_id,
-        "status": "committed",
-        "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "wall_seconds": round(wall, 3),
-        "spec": spec.redacted(),
-        "model": _model_record(spec),
-        "counts": {"rows": staged.rows, "ok": staged.ok, "error": staged.error},
-        "images_per_second": round(staged.rows / wall, 3) if wall else None,
-        "stage_seconds": stage_seconds,
-        "actors": actors,
-        "shards": [shard.to_dict() for shard in shards],
-        "host": {"python": platform.python_version(), "ray": ray.__version__},
-    }
-    fingerprints = staged.fingerprints
-    manifest["model"]["fingerprint"] = fingerprints[0] if len(fingerprints) == 1 else fingerprints
-    manifest_url = commit(location, run_id, staged, manifest)
-    return RunResult(
-        run_id=run_id,
-        output_url=location.url(),
-        manifest_url=manifest_url,
-        rows=staged.rows,
-        ok=staged.ok,
-        error=staged.error,
-        wall_seconds=time.perf_counter() - started,
-        stage_seconds=stage_seconds,
-    )
+    stage_seconds["ray_init"] = {"seconds": round(ray_started - started, 3), "items": 0}
+    stage_seconds["pipeline"] = {"seconds": round(time.perf_counter() - ray_started, 3), "items": 0}
+    return stage_seconds, actors
 
 
-def _plan(spec: JobSpec, shards: list[Shard], run_id: str, timer):
+def _check_complete(location: OutputLocation, run_id: str, plan: Plan, staged) -> list[dict[str, Any]]:
+    """Every planned shard was read to its end, and the staged rows are exactly the rows the shards gave.
+
+    This is the guarantee "one committed row per input image" checked on the real files before the commit; it
+    cannot fail unless rows were lost or duplicated somewhere, and then the run must not be committed.
+    """
+    records = read_progress(location, run_id)
+    missing = [entry["url"] for entry in plan.entries if entry["url"] not in records]
+    expected = sum(record["rows"] for record in records.values())
+    if missing or expected != staged.rows:
+        raise RuntimeError(
+            f"run {run_id} is inconsistent and was not committed: {len(missing)} shards unfinished "
+            f"({', '.join(missing[:3])}), {staged.rows} rows staged for {expected} read"
+        )
+    return sorted(records.values(), key=lambda record: record["url"])
+
+
+def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation, run_id: str, timer):
     """The Ray Data plan: shard descriptions -> decode tasks -> predictor actor pool."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -206,7 +273,7 @@ def _plan(spec: JobSpec, shards: list[Shard], run_id: str, timer):
     from pipeline.decode import decode_shards
     from pipeline.predict import Predictor
 
-    tasks = _read_tasks(shards, spec.input.files_per_task)
+    tasks = _read_tasks(entries, spec.input.files_per_task)
     input_options = {
         "storage_options": spec.input.storage_options,
         "image_column": spec.input.image_column,
@@ -224,6 +291,7 @@ def _plan(spec: JobSpec, shards: list[Shard], run_id: str, timer):
                 "max_pixels": spec.decode.max_pixels,
                 "rows_per_batch": DECODED_ROWS_PER_BLOCK,
                 "timer": timer,
+                "progress": location.progress(run_id),
             },
         )
         .map_batches(

@@ -103,6 +103,9 @@ class JobSpec(_Section):
     max_error_fraction: float = Field(
         1.0, ge=0, le=1, description="Fail the run, committing nothing, if more of its images than this fail."
     )
+    incremental: bool = Field(
+        False, description="Process only shards no committed run has covered with the same model and decoding."
+    )
 
     def redacted(self) -> dict[str, Any]:
         """The spec as plain data with every credential-like storage option replaced by ``***``."""

@@ -30,7 +30,7 @@ def _tfrecord(records: list[tuple[str, bytes]]) -> bytes:
         return open(f.name, "rb").read()
 
 
-def _tar(records: list[tuple[str, bytes]]) -> bytes:
+def tar_shard(records: list[tuple[str, bytes]]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for name, data in records:
@@ -69,7 +69,7 @@ def write_layout(layout: str, fs, root: str, url_root: str, images: dict[str, by
                 expected[f"{url_root}/folder{index}/{name}"] = data
             continue
         if layout == "webdataset":
-            shard, payload = f"shard-{index:05d}.tar", _tar(part)
+            shard, payload = f"shard-{index:05d}.tar", tar_shard(part)
         elif layout == "tfrecord":
             shard, payload = f"shard-{index:05d}.tfrecord", _tfrecord(part)
         else:

@@ -135,7 +135,18 @@ def test_output_contract_files_and_manifest(sample_run):
     assert manifest["counts"] == {"rows": good + bad, "ok": good, "error": bad}
     assert manifest["model"]["fingerprint"] == table.column("model_fingerprint")[0].as_py()
     assert manifest["model"]["random_weights"] is True
-    assert len(manifest["shards"]) == good + bad and all(s["size"] is not None for s in manifest["shards"])
+    assert manifest["plan"] == {
+        "mode": "full",
+        "listed": good + bad,
+        "to_read": good + bad,
+        "skipped_unchanged": 0,
+        "adopted": 0,
+        "adopted_from": [],
+    }
+    shards = pq.read_table(location.path(manifest["shards_file"])).to_pylist()
+    assert len(shards) == good + bad and all(s["size"] is not None and s["etag"] for s in shards)
+    assert all(s["rows"] == 1 and not s["partial"] for s in shards)
+    assert manifest["model"]["key"] and manifest["model"]["key_parts"]["image_size"] == 64
     for stage in ("list", "ray_init", "read", "decode", "predict", "model_startup", "pipeline"):
         assert manifest["stage_seconds"][stage]["seconds"] >= 0, stage
     assert manifest["stage_seconds"]["predict"]["items"] == good
@@ -189,8 +200,9 @@ def test_s3_layouts(layout, layout_images, s3):
     result = run(spec, progress=False)
     check_layout_run(result, expected, storage_options)
     assert result.output_url == f"s3://{bucket}/out"
-    manifests = fs.find(f"{bucket}/out/_runs")
+    manifests = fs.glob(f"{bucket}/out/_runs/*.json")
     assert len(manifests) == 1
+    assert not any(b"do-not-leak-this" in fs.cat_file(path) for path in fs.find(f"{bucket}/out"))
     manifest_text = fs.cat_file(manifests[0]).decode()
     assert "do-not-leak-this" not in manifest_text and '"secret": "***"' in manifest_text
     manifest = json.loads(manifest_text)

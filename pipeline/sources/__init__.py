@@ -7,6 +7,7 @@ file. Listing goes through fsspec, so any store it knows works; work is split pe
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import fsspec
 from fsspec.core import has_magic
 
 from pipeline.sources import images, parquet, tfrecord, webdataset
+from pipeline.storage import ATTEMPTS, backoff, is_transient, with_retries
 
 READERS = {"images": images, "webdataset": webdataset, "tfrecord": tfrecord, "parquet": parquet}
 
@@ -59,17 +61,21 @@ def _is_hidden(path: str, root: str) -> bool:
 
 def list_shards(url: str, format: str = "auto", storage_options: dict | None = None) -> list[Shard]:
     """Every shard under a prefix (recursively) or matching a glob, sorted; hidden paths (``.``, ``_``) skipped."""
-    try:
+
+    def listing() -> tuple[fsspec.AbstractFileSystem, str, dict]:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs.invalidate_cache()  # a long-lived process lists a growing bucket: never answer from a stale listing
         if has_magic(root):
             infos = fs.glob(root, detail=True)
-            root = re.split(r"[*?\[]", root, maxsplit=1)[0].rsplit("/", 1)[0]
-        elif fs.isdir(root):
-            infos = fs.find(root, detail=True)
-        elif fs.exists(root):
-            infos = {root: fs.info(root)}
-        else:
-            raise InputError(f"input.url: nothing found at {url}")
+            return fs, re.split(r"[*?\[]", root, maxsplit=1)[0].rsplit("/", 1)[0], infos
+        if fs.isdir(root):
+            return fs, root, fs.find(root, detail=True)
+        if fs.exists(root):
+            return fs, root, {root: fs.info(root)}
+        raise InputError(f"input.url: nothing found at {url}")
+
+    try:
+        fs, root, infos = with_retries(listing)
     except InputError:
         raise
     except Exception as error:
@@ -104,11 +110,38 @@ def _unstrip(fs, protocol: str, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def read_shard(shard: Shard, options: dict[str, Any]) -> Iterator[Record]:
-    """The records of one shard; a shard that cannot be read at all yields one error record naming it."""
+def read_shard(
+    shard: Shard, options: dict[str, Any], only: set[str] | None = None, attempts: int = ATTEMPTS
+) -> Iterator[Record]:
+    """The records of one shard (those whose ``image_id`` is in ``only``, when given).
+
+    A transient storage error (503, reset connection, timeout) restarts the read after a backoff, skipping the
+    records already delivered, so a flaky store costs time, never rows. A shard that still cannot be read yields
+    one error record that names it and says why: ``<url>#unreadable`` (or the image's own id for an image file).
+    """
     reader = READERS[shard.format]
     fs, path = fsspec.core.url_to_fs(shard.url, **options.get("storage_options", {}))
-    try:
-        yield from reader.read(fs, path, shard.url, options)
-    except Exception as error:  # the rest of the shard is lost; say so in a row rather than kill the job
-        yield Record(f"{shard.url}#unreadable", shard.url, None, f"unreadable shard: {type(error).__name__}: {error}")
+    delivered = 0
+    for attempt in range(1, attempts + 1):
+        try:
+            for index, record in enumerate(reader.read(fs, path, shard.url, options)):
+                if index >= delivered:
+                    delivered += 1
+                    if only is None or record.image_id in only:
+                        yield record
+            return
+        except Exception as error:
+            if is_transient(error) and attempt < attempts:
+                time.sleep(backoff(attempt))
+                continue
+            # The rest of the shard is lost; say so in a row rather than kill the job.
+            what = "file" if shard.format == "images" else "shard"
+            retried = f" (after {attempt} attempts)" if attempt > 1 else ""
+            reason = f"unreadable {what}: {type(error).__name__}: {error}{retried}"
+            yield Record(unreadable_id(shard), shard.url, None, reason)
+            return
+
+
+def unreadable_id(shard: Shard) -> str:
+    """The row that stands for a shard that could not be read: the image itself, or ``<url>#unreadable``."""
+    return shard.url if shard.format == "images" else f"{shard.url}#unreadable"

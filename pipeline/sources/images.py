@@ -10,9 +10,4 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 def read(fs, path: str, url: str, options: dict) -> Iterator:
     from pipeline.sources import Record
 
-    try:
-        data = fs.cat_file(path)
-    except Exception as error:
-        yield Record(url, url, None, f"unreadable file: {type(error).__name__}: {error}")
-        return
-    yield Record(url, url, data)
+    yield Record(url, url, fs.cat_file(path))

@@ -1,0 +1,219 @@
+"""What a run has to do, given what the output already holds: incremental runs, resuming a crash, retrying failures.
+
+Rows depend on the input shard and on the *work key*: the model (architecture, weights, labels, top-k) and the
+decoding (preprocessing, image size, pixel limit, embedding dtype). How the work is executed (batch size, actors,
+precision, XLA) is not part of it. An incremental run skips every shard that a committed run processed whole, with
+the same work key, at the same ETag and size; a shard whose ETag or size changed is processed again and its new rows
+supersede the old ones in the ``latest`` view.
+
+A crashed run (its driver is dead: see :mod:`pipeline.runs`) leaves rows and progress records in its staging folder.
+The next run with the same work key *adopts* them: it copies the rows of every shard the crashed run finished (same
+ETag and size as now) into its own staging, relabelled with its own run id, and reads only the rest. Copying, not
+taking over the folder, means two runs that adopt the same crash at once each commit a whole run of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.runs import (
+    CrashedRun,
+    OutputLocation,
+    read_manifests,
+    read_progress,
+    read_shards,
+    read_table,
+    staged_files,
+)
+from pipeline.sources import Shard, unreadable_id
+from pipeline.spec import JobSpec
+from pipeline.storage import with_retries, write_bytes
+
+Mode = str  # "full" | "incremental" | "retry-failed"
+
+
+def work_key(spec: JobSpec) -> tuple[str, dict[str, Any]]:
+    """A short hash of everything the rows depend on, and the parts it was made from (recorded in the manifest)."""
+    model, decode = spec.model, spec.decode
+    named_weights = model.weights in ("imagenet", "random")
+    parts = {
+        "architecture": model.architecture,
+        "weights": model.weights if named_weights else _identity(model.weights, model.storage_options),
+        "seed": model.seed if model.weights == "random" else None,
+        "labels": _identity(model.labels, model.storage_options) if model.labels else None,
+        "classes": model.classes,
+        "top_k": model.top_k,
+        "preprocessing": decode.preprocessing,
+        "image_size": decode.image_size,
+        "max_pixels": decode.max_pixels,
+        "embedding_dtype": spec.output.embedding_dtype,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, parts
+
+
+def _identity(url: str, storage_options: dict) -> str:
+    """A file's URL with its version (ETag, else modification time) and size: another file, another key."""
+    from pipeline.model.weights import redact_url
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        info = with_retries(lambda: fs.info(path))
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        return f"{redact_url(url)}@{str(version).strip(chr(34))}:{info.get('size')}"
+    except Exception:
+        return redact_url(url)
+
+
+def _version(shard: dict[str, Any] | Shard) -> tuple:
+    if isinstance(shard, Shard):
+        return shard.etag, shard.size
+    return shard.get("etag"), shard.get("size")
+
+
+@dataclass
+class Plan:
+    """The shard entries to read (each ``Shard.to_dict()``, with ``only`` when just some images are wanted)."""
+
+    mode: Mode
+    listed: int
+    entries: list[dict[str, Any]]
+    skipped: int = 0  # already covered by a committed run
+    adopted_shards: list[dict[str, Any]] = field(default_factory=list)
+    adopted_from: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "listed": self.listed,
+            "to_read": len(self.entries),
+            "skipped_unchanged": self.skipped,
+            "adopted": len(self.adopted_shards),
+            "adopted_from": self.adopted_from,
+        }
+
+
+def plan_run(spec: JobSpec, shards: list[Shard], location: OutputLocation, key: str, *, full: bool = False) -> Plan:
+    """Full or incremental: the listed shards, less those a committed run already processed."""
+    mode = "incremental" if spec.incremental and not full else "full"
+    if mode == "full":
+        return Plan(mode, len(shards), [s.to_dict() for s in shards])
+    covered = covered_shards(location, key)
+    todo = [s for s in shards if covered.get(s.url) != _version(s)]
+    return Plan(mode, len(shards), [s.to_dict() for s in todo], skipped=len(shards) - len(todo))
+
+
+def covered_shards(location: OutputLocation, key: str) -> dict[str, tuple]:
+    """Shard URL -> (etag, size) of its newest whole processing by a committed run with this work key."""
+    manifests = [m for m in read_manifests(location) if m.get("model", {}).get("key") == key]
+    table = read_shards(location, manifests)
+    covered: dict[str, tuple] = {}
+    for row in table.filter(pc.invert(table.column("partial"))).to_pylist():  # in commit order: newest wins
+        covered[row["url"]] = (row["etag"], row["size"])
+    return covered
+
+
+def plan_retry(shards: list[Shard], location: OutputLocation) -> Plan:
+    """Only the images whose newest committed row is an error, in the shards as they are listed now."""
+    from pipeline.query import connect
+
+    with connect(location) as db:
+        failed = db.execute("SELECT source, image_id FROM latest WHERE status = 'error'").fetchall()
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for source, image_id in failed:
+        wanted[source].add(image_id)
+    entries = []
+    for shard in shards:
+        ids = wanted.get(shard.url)
+        if not ids:
+            continue
+        if unreadable_id(shard) in ids:  # the shard itself failed: read it whole
+            entries.append(shard.to_dict())
+        else:
+            entries.append({**shard.to_dict(), "only": sorted(ids)})
+    return Plan("retry-failed", len(shards), entries, skipped=len(shards) - len(entries))
+
+
+def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: Plan, run_id: str) -> None:
+    """Take over the finished shards of the newest crashed run with this work key (see the module docstring).
+
+    Shards it finished that this plan still wants, at the same version, are removed from ``plan.entries`` and their
+    rows copied into ``run_id``'s staging. A crashed run that vanishes meanwhile (adopted and committed by another
+    run) is simply not adopted.
+    """
+    candidate = next((run for run in crashed if run.key == key), None)
+    if candidate is None or not plan.entries:
+        return
+    wanted = {json.dumps(_without_only(e), sort_keys=True): e for e in plan.entries}
+    try:
+        progress = read_progress(location, candidate.run_id)
+        done = {}
+        for entry in progress.values():
+            match = wanted.get(json.dumps(_without_only(entry), sort_keys=True))
+            if match is not None and bool(entry.get("partial")) == ("only" in match):
+                done[entry["url"]] = entry
+        if not done:
+            return
+        copied = _copy_rows(location, candidate.run_id, done, run_id)
+    except FileNotFoundError:
+        return
+    plan.entries = [e for e in plan.entries if e["url"] not in copied]
+    plan.adopted_shards = [done[url] for url in sorted(copied)]
+    plan.adopted_from = [candidate.run_id]
+    # Recorded like a read task's progress, so that a crash of this run can be adopted in turn.
+    write_bytes(
+        location.fs,
+        location.path("_staging", run_id, "_progress", f"adopted-{candidate.run_id}.json"),
+        json.dumps(plan.adopted_shards).encode(),
+    )
+
+
+def _without_only(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry.get(k) for k in ("url", "format", "size", "etag")}
+
+
+def _copy_rows(location: OutputLocation, source_run: str, done: dict[str, dict], run_id: str) -> set[str]:
+    """Copy the rows of finished shards; a shard is finished when all the rows its read task counted are staged.
+
+    Two passes, one file in memory at a time: count rows per shard, then copy the rows of complete shards.
+    """
+    fs = location.fs
+    readable, counts = [], defaultdict(int)
+    for path in staged_files(location, source_run):
+        try:
+            sources = with_retries(lambda path=path: read_table(fs, path, ["source"])).column("source")
+        except FileNotFoundError:
+            raise
+        except Exception:
+            continue  # a file the crash cut short: its shards are not finished
+        readable.append(path)
+        for url, count in _counts(sources).items():
+            counts[url] += count
+    complete = {url for url, entry in done.items() if counts.get(url, 0) == entry["rows"]}
+    wanted = pa.array(sorted(complete), pa.string())
+    for index, path in enumerate(readable):
+        table = with_retries(lambda path=path: read_table(fs, path))
+        table = table.filter(pc.is_in(table.column("source"), wanted))
+        if not table.num_rows:
+            continue
+        table = table.set_column(
+            table.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * table.num_rows, pa.string())
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        target = location.path("_staging", run_id, f"adopted-{source_run}-{index:05d}.parquet")
+        write_bytes(fs, target, sink.getvalue().to_pybytes())
+    return complete
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    return {item["values"]: item["counts"] for item in pc.value_counts(column).to_pylist()}

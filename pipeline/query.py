@@ -1,0 +1,117 @@
+"""DuckDB over the committed runs of an output location, local or on object storage.
+
+Views (only committed runs are ever seen: every file is taken from a manifest, never from a directory listing):
+
+``predictions``  every committed row; ``embedding`` is a fixed-size ``FLOAT[D]`` array
+``latest``       one row per image: its newest committed result. A later run that read a shard whole replaces
+                 everything older from that shard; a retry of single images replaces just those images.
+``errors``       the rows of ``latest`` that failed
+``runs``         one row per committed run, from the manifests, in commit order (``seq``)
+``shards``       the shards each run processed, with their ETag, size and row count
+
+Files are read through fsspec (s3fs, gcsfs, ...), so DuckDB needs no extension and no download.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from pipeline.runs import OutputLocation, read_manifests, read_shards
+from pipeline.sink import arrow_filesystem, output_schema
+
+LATEST = """
+CREATE VIEW latest AS
+WITH ordered AS (
+    SELECT p.*, r.seq FROM predictions p JOIN runs r USING (run_id)
+), last_whole AS (  -- the newest run that read each shard whole
+    SELECT s.url AS source, max(r.seq) AS seq FROM shards s JOIN runs r USING (run_id)
+    WHERE NOT s.partial GROUP BY s.url
+)
+SELECT o.* EXCLUDE (seq) FROM ordered o LEFT JOIN last_whole w USING (source)
+WHERE o.seq >= coalesce(w.seq, 0)
+QUALIFY row_number() OVER (PARTITION BY o.image_id ORDER BY o.seq DESC, o.processed_at DESC) = 1
+"""
+
+
+def connect(output: str | OutputLocation, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views above registered over ``output``'s committed runs."""
+    location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
+    manifests = read_manifests(location)
+    db = duckdb.connect()
+    db.register("_predictions", dataset(location, manifests=manifests))
+    db.register("_runs", _runs_table(manifests))
+    db.register("_shards", read_shards(location, manifests))
+    db.execute("CREATE VIEW predictions AS SELECT * FROM _predictions")
+    db.execute("CREATE VIEW runs AS SELECT * FROM _runs")
+    db.execute("CREATE VIEW shards AS SELECT * FROM _shards")
+    db.execute(LATEST)
+    db.execute("CREATE VIEW errors AS SELECT * FROM latest WHERE status = 'error'")
+    return db
+
+
+def dataset(
+    output: str | OutputLocation, storage_options: dict | None = None, manifests: list[dict] | None = None
+) -> ds.Dataset:
+    """A pyarrow dataset of every committed row (files named by manifests, read through fsspec)."""
+    location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
+    manifests = read_manifests(location) if manifests is None else manifests
+    files = [location.path(relative) for manifest in manifests for relative in manifest["files"]]
+    if not files:
+        return ds.dataset(output_schema(2048, "float32").empty_table())
+    return ds.dataset(files, format="parquet", filesystem=arrow_filesystem(location.fs))
+
+
+RUN_COLUMNS = {
+    "seq": pa.int32(),
+    "run_id": pa.string(),
+    "name": pa.string(),
+    "mode": pa.string(),
+    "started_at": pa.string(),
+    "committed_at": pa.string(),
+    "wall_seconds": pa.float64(),
+    "rows": pa.int64(),
+    "ok": pa.int64(),
+    "error": pa.int64(),
+    "images_per_second": pa.float64(),
+    "architecture": pa.string(),
+    "weights": pa.string(),
+    "fingerprint": pa.string(),
+    "work_key": pa.string(),
+    "shards_read": pa.int64(),
+    "shards_skipped": pa.int64(),
+    "shards_adopted": pa.int64(),
+}
+
+
+def _runs_table(manifests: list[dict[str, Any]]) -> pa.Table:
+    rows = []
+    for seq, m in enumerate(manifests, start=1):
+        model, counts, plan = m.get("model", {}), m.get("counts", {}), m.get("plan", {})
+        fingerprint = model.get("fingerprint")
+        rows.append(
+            {
+                "seq": seq,
+                "run_id": m["run_id"],
+                "name": m.get("spec", {}).get("name"),
+                "mode": plan.get("mode", "full"),
+                "started_at": m.get("started_at"),
+                "committed_at": m.get("committed_at") or m.get("finished_at"),
+                "wall_seconds": m.get("wall_seconds"),
+                "rows": counts.get("rows"),
+                "ok": counts.get("ok"),
+                "error": counts.get("error"),
+                "images_per_second": m.get("images_per_second"),
+                "architecture": model.get("architecture"),
+                "weights": model.get("weights"),
+                "fingerprint": ",".join(fingerprint) if isinstance(fingerprint, list) else fingerprint,
+                "work_key": model.get("key"),
+                "shards_read": plan.get("to_read"),
+                "shards_skipped": plan.get("skipped_unchanged"),
+                "shards_adopted": plan.get("adopted"),
+            }
+        )
+    return pa.Table.from_pylist(rows, pa.schema(list(RUN_COLUMNS.items())))

@@ -1,0 +1,99 @@
+"""Talking to storage: telling a transient failure from a real one, retrying the first, and writing small files whole.
+
+Object stores fail now and then (HTTP 503 SlowDown, 500, a reset connection, a timeout). s3fs and botocore retry a
+few of these themselves; what still escapes them is retried here with exponential backoff and jitter, for a whole
+operation (reading a shard from the start, a commit step). A missing object, a denied request or a bad file is not
+transient and is never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+ATTEMPTS = 6
+BASE_DELAY = 0.2  # seconds; doubled per attempt, capped, with full jitter
+MAX_DELAY = 10.0
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError)
+_TRANSIENT_TEXT = re.compile(
+    r"SlowDown|Service ?Unavailable|ServiceUnavailable|InternalError|Internal Server Error|RequestTimeout|"
+    r"Throttl|TooManyRequests|\b50[0234]\b|Connection (?:reset|aborted|closed|refused)|ConnectionClosed|"
+    r"ServerDisconnected|Server disconnected|EndpointConnectionError|Could not connect|ReadTimeout|"
+    r"timed out|IncompleteRead|ClientPayloadError|Response payload is not completed|RemoteDisconnected|"
+    r"Broken pipe|NETWORK_CONNECTION|SLOW_DOWN",
+    re.I,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying the same request later could succeed. Looks through the chain of causes."""
+    seen: set[int] = set()
+    chain: BaseException | None = error
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, _PERMANENT):
+            return False
+        if isinstance(chain, _TRANSIENT_TYPES) or _TRANSIENT_TEXT.search(f"{type(chain).__name__}: {chain}"):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` (full jitter, as AWS recommends)."""
+    return random.uniform(0, min(MAX_DELAY, BASE_DELAY * 2**attempt))
+
+
+def with_retries(operation: Callable[[], T], attempts: int = ATTEMPTS) -> T:
+    """Run ``operation``; on a transient storage error wait and run it again, up to ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except Exception as error:
+            if attempt == attempts or not is_transient(error):
+                raise
+            time.sleep(backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so readers see the old state or the new one, never a part.
+
+    An object store's PUT is atomic already; on a local disk the bytes go to a hidden temporary file first and are
+    renamed into place.
+    """
+    if is_local(fs):
+        folder, name = path.rsplit("/", 1)
+        os.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{name}.{os.getpid()}.tmp"
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        return
+    with_retries(lambda: fs.pipe_file(path, data))
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, document: Any) -> None:
+    write_bytes(fs, path, json.dumps(document, indent=2, default=str).encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    return json.loads(with_retries(lambda: fs.cat_file(path)))
