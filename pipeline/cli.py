@@ -278,5 +278,196 @@ def weights_where() -> None:
     console.print(str(Path(weights_cache_dir())))
 
 
+# --- Ray clusters: submit, status, logs, stop (pipeline.cluster); manifests (pipeline.render) -----------------------
+
+ClusterAddressOption = typer.Option(
+    None, "--address", envvar="RAY_ADDRESS", help="The cluster's dashboard, e.g. http://127.0.0.1:8265."
+)
+TokenFileOption = typer.Option(
+    None,
+    "--token-file",
+    help="File holding the cluster's token; default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.",
+)
+
+
+class _ClusterErrors:
+    """Cluster, render and spec errors in one line: exit code 2 for bad input, 1 for failures."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
+        from rich.markup import escape
+
+        from pipeline.cluster import ClusterError, ClusterInputError
+        from pipeline.render import RenderError
+        from pipeline.spec import SpecError
+
+        if isinstance(error, ClusterInputError | RenderError | SpecError):
+            raise _fail(escape(str(error))) from None
+        if isinstance(error, ClusterError):
+            raise _fail(escape(str(error)), code=1) from None
+        return False
+
+
+@app.command()
+def submit(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec (YAML)."),
+    overrides: list[str] = SetOption,
+    address: str | None = ClusterAddressOption,
+    token_file: Path | None = TokenFileOption,
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs until it ends; exit 1 unless it succeeds."),
+    scheduled_for: str | None = typer.Option(
+        None,
+        "--scheduled-for",
+        metavar="DATE",
+        help="A scheduled run's date (YYYY-MM-DD): its submission id is NAME-DATE, so that night runs once.",
+    ),
+    submission_id: str | None = typer.Option(None, "--submission-id", help="An explicit submission id."),
+    ship_code: bool = typer.Option(
+        True, "--ship-code/--no-ship-code", help="Send this pipeline package with the job, or use the image's."
+    ),
+    driver_cpus: float = typer.Option(0, "--driver-cpus", min=0, help="CPUs reserved for the driver on the head."),
+) -> None:
+    """Submit a labeling job to a Ray cluster (Ray Jobs API); prints its submission id."""
+    from datetime import date
+
+    from pipeline.cluster import AlreadySubmitted, Cluster, check_name, scheduled_submission_id
+    from pipeline.spec import load_spec
+
+    if scheduled_for and submission_id:
+        raise _fail("--scheduled-for and --submission-id exclude each other")
+    metadata = {}
+    with _ClusterErrors():
+        spec = load_spec(spec_path, overrides)
+        if scheduled_for:
+            try:
+                day = date.fromisoformat(scheduled_for)
+            except ValueError:
+                raise _fail(f"--scheduled-for expects a date like 2026-11-29, got {scheduled_for!r}") from None
+            submission_id = scheduled_submission_id(spec.name, day)
+            metadata["scheduled_for"] = day.isoformat()
+        elif submission_id:
+            check_name(submission_id)
+        cluster = Cluster.connect(address, token_file)
+        try:
+            job_id = cluster.submit(
+                spec, submission_id=submission_id, ship_code=ship_code, driver_cpus=driver_cpus, metadata=metadata
+            )
+            console.print(f"submitted: {job_id}", highlight=False)
+        except AlreadySubmitted as already:
+            console.print(str(already), highlight=False)
+            job_id = already.submission_id
+            if not wait or already.status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                raise typer.Exit(1 if already.status in ("FAILED", "STOPPED") else 0) from None
+        if not wait:
+            console.print(f"follow it with: resnet-pipeline logs {job_id} --follow", highlight=False)
+            return
+        status = cluster.follow(job_id, lambda chunk: typer.echo(chunk, nl=False))
+    console.print(f"job {job_id}: {status}", highlight=False)
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(
+    job_id: str = typer.Argument(..., metavar="JOB", help="Submission id."),
+    address: str | None = ClusterAddressOption,
+    token_file: Path | None = TokenFileOption,
+) -> None:
+    """A submitted job's status, message and timing."""
+    from pipeline.cluster import Cluster, describe
+
+    with _ClusterErrors():
+        details = Cluster.connect(address, token_file).status(job_id)
+    console.print("\n".join(describe(details)), highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command("logs")
+def logs_command(
+    job_id: str = typer.Argument(..., metavar="JOB", help="Submission id."),
+    address: str | None = ClusterAddressOption,
+    token_file: Path | None = TokenFileOption,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
+    """A submitted job's logs (its driver's output)."""
+    from pipeline.cluster import Cluster
+
+    with _ClusterErrors():
+        cluster = Cluster.connect(address, token_file)
+        if follow:
+            cluster.follow(job_id, lambda chunk: typer.echo(chunk, nl=False))
+        else:
+            typer.echo(cluster.logs(job_id), nl=False)
+
+
+@app.command("stop")
+def stop_command(
+    job_id: str = typer.Argument(..., metavar="JOB", help="Submission id."),
+    address: str | None = ClusterAddressOption,
+    token_file: Path | None = TokenFileOption,
+) -> None:
+    """Stop a submitted job."""
+    from pipeline.cluster import Cluster
+
+    with _ClusterErrors():
+        cluster = Cluster.connect(address, token_file)
+        if cluster.stop(job_id):
+            console.print(f"stop requested: {job_id}", highlight=False)
+        else:
+            console.print(f"{job_id} had already ended ({cluster.status(job_id).status})", highlight=False)
+
+
+@app.command("render")
+def render_command(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Job spec (YAML)."),
+    target: str = typer.Option(..., "--target", help="rayjob | raycronjob | cronjob | raycluster | launcher"),
+    overrides: list[str] = SetOption,
+    cluster_file: Path | None = typer.Option(
+        None, "--cluster", help="Cluster settings (YAML): images, sizes, GPU nodes, schedule; see infra/cluster.yaml."
+    ),
+    cluster_overrides: list[str] = typer.Option(
+        [], "--cluster-set", help="Override a cluster setting: --cluster-set gpu_workers.max_replicas=8 (repeatable)."
+    ),
+    schedule: str | None = typer.Option(None, "--schedule", help="Cron expression of the nightly run: '0 2 * * *'."),
+    time_zone: str | None = typer.Option(None, "--time-zone", help="Time zone of --schedule: Europe/Berlin."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here; default: standard output."),
+) -> None:
+    """Kubernetes (KubeRay) or Ray cluster-launcher manifests for a job spec; credentials are never written."""
+    import shlex
+
+    from pipeline.render import load_cluster, render
+    from pipeline.spec import REDACTED, SECRET_KEY, load_spec
+
+    def shown(assignment: str) -> str:  # the command goes into the file: no credential values in it
+        key, sep, _ = assignment.partition("=")
+        return f"{key}={REDACTED}" if sep and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else assignment
+
+    words = ["resnet-pipeline", "render", str(spec_path), "--target", target]
+    words += [w for o in overrides for w in ("--set", shown(o))]
+    words += ["--cluster", str(cluster_file)] if cluster_file else []
+    words += [w for o in cluster_overrides for w in ("--cluster-set", shown(o))]
+    words += ["--schedule", schedule] if schedule else []
+    words += ["--time-zone", time_zone] if time_zone else []
+    settings = list(cluster_overrides)
+    settings += [f"schedule.cron={schedule}"] if schedule else []
+    settings += [f"schedule.time_zone={time_zone}"] if time_zone else []
+    with _ClusterErrors():
+        spec = load_spec(spec_path, overrides)
+        rendered = render(spec, target, load_cluster(cluster_file, settings), shlex.join(words))
+    if rendered.left_out:
+        errors.print(
+            f"[yellow]Left out of the manifests (credentials): {', '.join(rendered.left_out)}. The pods get "
+            "credentials from the storage Secret or the cloud's workload identity (infra/README.md).[/yellow]",
+            highlight=False,
+        )
+    if output is None:
+        typer.echo(rendered.text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(rendered.text, encoding="utf-8")
+        console.print(f"wrote {output}", highlight=False)
+
+
 def main() -> None:
     app()
