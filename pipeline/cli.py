@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
 from pathlib import Path
@@ -150,42 +153,157 @@ def _without_redacted(value, redacted: str):
     return value
 
 
+FormatOption = typer.Option("table", "--format", help="table | csv | json | parquet (parquet needs --output).")
+OutputFileOption = typer.Option(None, "--output", "-o", help="Write to this file instead of the terminal.")
+
+
+def _connect(output: str):
+    from pipeline.query import connect
+
+    try:
+        return connect(output)
+    except Exception as error:
+        raise _fail(f"cannot read {output}: {error}") from None
+
+
+def _emit(table, output_format: str, output_file: Path | None, title: str | None = None) -> None:
+    """An Arrow table as a terminal table, CSV, JSON lines or Parquet."""
+    import pyarrow.parquet as pq
+
+    if output_format not in ("table", "csv", "json", "parquet"):
+        raise _fail(f"--format must be table, csv, json or parquet, got {output_format!r}")
+    if output_format == "parquet":
+        if output_file is None:
+            raise _fail("--format parquet needs --output FILE")
+        pq.write_table(table, output_file)
+    elif output_format == "csv":  # nested columns (top_k, embedding) do not fit in CSV: use json or parquet
+        flat = table.select([c for c in table.column_names if _flat(table.schema.field(c).type)])
+        sink = io.StringIO()
+        writer = csv.writer(sink)
+        writer.writerow(flat.column_names)
+        writer.writerows(row.values() for row in flat.to_pylist())
+        _write_text(sink.getvalue(), output_file)
+    elif output_format == "json":
+        rows = table.to_pylist()
+        _write_text("".join(json.dumps(row, default=str) + "\n" for row in rows), output_file)
+    else:
+        view = Table(title=title)
+        for name in table.column_names:
+            view.add_column(name, overflow="fold")  # ids are wrapped, never cut: they are meant to be copied
+        for row in table.to_pylist():
+            view.add_row(*(_cell(value) for value in row.values()))
+        if output_file is None:
+            console.print(view)
+        else:
+            with output_file.open("w") as f:
+                Console(file=f, width=200).print(view)
+
+
+def _flat(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return not (pa.types.is_nested(arrow_type) or pa.types.is_fixed_size_list(arrow_type))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{len(value)} values]"
+    return str(value)
+
+
+def _write_text(text: str, output_file: Path | None) -> None:
+    if output_file is None:
+        typer.echo(text, nl=False)
+    else:
+        output_file.write_text(text)
+
+
 @app.command()
 def query(
     output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
     sql: str = typer.Argument(..., help="SQL over the views predictions, latest, errors, runs, shards."),
-    output_format: str = typer.Option("table", "--format", help="table | csv | json"),
+    output_format: str = FormatOption,
+    output_file: Path | None = OutputFileOption,
 ) -> None:
     """SQL over the committed runs of an output (DuckDB). Uncommitted and crashed runs are never seen."""
     import duckdb
 
-    from pipeline.query import connect
+    from pipeline.query import fetch_arrow
 
-    if output_format not in ("table", "csv", "json"):
-        raise _fail(f"--format must be table, csv or json, got {output_format!r}")
+    with _connect(output) as db:
+        try:
+            table = fetch_arrow(db, sql)
+        except duckdb.Error as error:
+            raise _fail(f"query failed: {error}") from None
+    _emit(table, output_format, output_file)
+
+
+@app.command()
+def search(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
+    label: str = typer.Option(..., "--label", help="A class name (tench, 'crane (bird)') or WordNet id (n01440764)."),
+    min_score: float = typer.Option(0.0, "--min-score", min=0.0, max=1.0, help="Lowest score for that label."),
+    in_top_k: int = typer.Option(1, "--in-top-k", min=1, help="Match the label among the first K labels."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many images."),
+    output_format: str = FormatOption,
+    output_file: Path | None = OutputFileOption,
+) -> None:
+    """Images carrying a label (newest result per image), best score first."""
+    from pipeline.query import QueryError
+    from pipeline.query import search as search_label
+
+    with _connect(output) as db:
+        try:
+            table = search_label(db, label, min_score=min_score, in_top_k=in_top_k, limit=limit)
+        except QueryError as error:
+            raise _fail(str(error)) from None
+    _emit(table, output_format, output_file, title=f"{table.num_rows} images labeled {label!r}")
+
+
+@app.command()
+def similar(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
+    image_id: str = typer.Argument(..., metavar="IMAGE_ID", help="The image to start from (its full id)."),
+    k: int = typer.Option(10, "-k", min=1, help="How many images, the image itself first."),
+    output_format: str = FormatOption,
+    output_file: Path | None = OutputFileOption,
+) -> None:
+    """Nearest images by cosine similarity of their embeddings (exact search)."""
+    from pipeline.query import QueryError
+    from pipeline.query import similar as nearest
+
+    with _connect(output) as db:
+        try:
+            table = nearest(db, image_id, k)
+        except QueryError as error:
+            raise _fail(str(error)) from None
+    _emit(table, output_format, output_file)
+
+
+@app.command()
+def report(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
+    run_id: str | None = typer.Option(None, "--run", help="One run's rows (default: the newest row per image)."),
+    html_file: Path | None = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Counts, error reasons, throughput and time per stage, top labels, score distribution."""
+    from pipeline.query import QueryError
+    from pipeline.report import report as gather
+    from pipeline.report import to_html, to_text
+
     try:
-        with connect(output) as db:
-            result = db.execute(sql)
-            columns = [d[0] for d in result.description]
-            rows = result.fetchall()
-    except duckdb.Error as error:
-        raise _fail(f"query failed: {error}") from None
-    if output_format == "json":
-        import json
-
-        typer.echo(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str))
-    elif output_format == "csv":
-        import csv
-        import sys
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    else:
-        table = Table(*columns)
-        for row in rows:
-            table.add_row(*("" if v is None else str(v) for v in row))
-        console.print(table)
+        data = gather(output, run_id)
+    except QueryError as error:
+        raise _fail(str(error)) from None
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else to_text(data))
+    if html_file is not None:
+        html_file.write_text(to_html(data), encoding="utf-8")
+        errors.print(f"wrote {html_file}", highlight=False)
 
 
 @app.command()

@@ -14,6 +14,7 @@ Files are read through fsspec (s3fs, gcsfs, ...), so DuckDB needs no extension a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import duckdb
@@ -25,15 +26,17 @@ from pipeline.sink import arrow_filesystem, output_schema
 
 LATEST = """
 CREATE VIEW latest AS
-WITH ordered AS (
-    SELECT p.*, r.seq FROM predictions p JOIN runs r USING (run_id)
+WITH ordered AS (  -- narrow columns only: deciding which row wins never moves embeddings around
+    SELECT p.image_id, p.source, p.run_id, p.processed_at, r.seq FROM predictions p JOIN runs r USING (run_id)
 ), last_whole AS (  -- the newest run that read each shard whole
     SELECT s.url AS source, max(r.seq) AS seq FROM shards s JOIN runs r USING (run_id)
     WHERE NOT s.partial GROUP BY s.url
+), winners AS (
+    SELECT o.image_id, o.run_id FROM ordered o LEFT JOIN last_whole w USING (source)
+    WHERE o.seq >= coalesce(w.seq, 0)
+    QUALIFY row_number() OVER (PARTITION BY o.image_id ORDER BY o.seq DESC, o.processed_at DESC) = 1
 )
-SELECT o.* EXCLUDE (seq) FROM ordered o LEFT JOIN last_whole w USING (source)
-WHERE o.seq >= coalesce(w.seq, 0)
-QUALIFY row_number() OVER (PARTITION BY o.image_id ORDER BY o.seq DESC, o.processed_at DESC) = 1
+SELECT p.* FROM predictions p SEMI JOIN winners w ON p.image_id = w.image_id AND p.run_id = w.run_id
 """
 
 
@@ -115,3 +118,75 @@ def _runs_table(manifests: list[dict[str, Any]]) -> pa.Table:
             }
         )
     return pa.Table.from_pylist(rows, pa.schema(list(RUN_COLUMNS.items())))
+
+
+class QueryError(ValueError):
+    """A question the output cannot answer as asked (unknown label or image); the message says why."""
+
+
+def search(
+    db: duckdb.DuckDBPyConnection, label: str, *, min_score: float = 0.0, in_top_k: int = 1, limit: int | None = None
+) -> pa.Table:
+    """Images (from ``latest``) carrying ``label`` (a class name or WordNet id) among their first ``in_top_k``
+    labels with at least ``min_score``; best score first."""
+    found = db.execute(
+        "SELECT DISTINCT t.label, t.wnid FROM (SELECT unnest(top_k) AS t FROM latest WHERE status = 'ok') "
+        "WHERE lower(t.label) = lower($name) OR t.wnid = $name",
+        {"name": label},
+    ).fetchall()
+    if not found:
+        raise QueryError(_unknown_label(db, label))
+    sql = f"""
+        SELECT image_id, t.label, t.wnid, t.score, rank, source, run_id FROM (
+            SELECT image_id, source, run_id, unnest(top_k[1:$k]) AS t, generate_subscripts(top_k[1:$k], 1) AS rank
+            FROM latest WHERE status = 'ok'
+        ) WHERE (lower(t.label) = lower($name) OR t.wnid = $name) AND t.score >= $min_score
+        ORDER BY t.score DESC, image_id {"LIMIT " + str(int(limit)) if limit else ""}
+    """
+    return fetch_arrow(db, sql, {"k": in_top_k, "name": label, "min_score": min_score})
+
+
+def _unknown_label(db: duckdb.DuckDBPyConnection, label: str) -> str:
+    import difflib
+
+    from pipeline.model.labels import imagenet_labels
+
+    names = [c.label for c in imagenet_labels()] + [
+        row[0] for row in db.execute("SELECT DISTINCT label FROM latest WHERE label IS NOT NULL").fetchall()
+    ]
+    close = difflib.get_close_matches(label.lower(), sorted({n.lower() for n in names}), n=5, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    return f"no image in this output carries the label {label!r} (a class name or a WordNet id like n01440764){hint}"
+
+
+def similar(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> pa.Table:
+    """The ``k`` images (from ``latest``) nearest to ``image_id`` by cosine similarity of embeddings, itself first.
+
+    Exact search: one pass over every stored embedding, inside DuckDB.
+    """
+    found = db.execute(
+        "SELECT embedding IS NOT NULL, status, array_length(embedding) FROM latest WHERE image_id = $id",
+        {"id": image_id},
+    ).fetchall()
+    if not found:
+        raise QueryError(f"no image {image_id!r} in this output (image ids are full URLs or paths; see `latest`)")
+    has_embedding, status, dimension = found[0]
+    if not has_embedding:
+        raise QueryError(f"{image_id!r} has no embedding (status {status}; or the run stored none)")
+    return fetch_arrow(
+        db,
+        f"""
+        WITH query AS (SELECT embedding::FLOAT[{dimension}] AS q FROM latest WHERE image_id = $id)
+        SELECT image_id, array_cosine_similarity(embedding::FLOAT[{dimension}], q) AS similarity, label, score, source
+        FROM latest, query WHERE embedding IS NOT NULL
+        ORDER BY image_id = $id DESC, similarity DESC, image_id LIMIT $k
+        """,
+        {"id": image_id, "k": k},
+    )
+
+
+def fetch_arrow(db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
+    """A query's result as Arrow, through ``execute`` so that a caller's unfinished result never blocks it."""
+    with warnings.catch_warnings():  # "an extra copy of the rows": small results here (k rows, matches)
+        warnings.simplefilter("ignore", UserWarning)
+        return db.execute(sql, params or {}).to_arrow_table()

@@ -1,0 +1,201 @@
+"""Queries over outputs the pipeline itself wrote (local disk and moto's S3 server): views, label search, similar
+images, reports; through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from io import BytesIO
+
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from pipeline.query import QueryError, connect, search, similar
+from pipeline.report import report, to_html
+from pipeline.runner import run
+from pipeline.samples import VARIANTS, photo
+from pipeline.spec import parse_spec
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "model": {"depth": 18, "weights": "random", "seed": 11, "top_k": 5},
+    "decode": {"image_size": 64},
+    "inference": {"batch_size": 4},
+}
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def corpus() -> dict[str, bytes]:
+    """A photo, a resized copy of it, and unrelated pictures (another photo's variants, flat colours, noise)."""
+    import numpy as np
+
+    china, flower = photo("china.jpg"), photo("flower.jpg")
+    images = {
+        "china.jpg": jpeg(china),
+        "china-resized.jpg": jpeg(china.resize((china.width * 3 // 4, china.height * 3 // 4))),
+        "broken.jpg": b"not an image",
+    }
+    for name in ("photo.jpg", "gray.jpg", "cmyk.jpg", "exif-rotated.jpg", "small.jpg"):
+        images[f"flower-{name}"] = VARIANTS[name](flower)
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        images[f"noise-{index}.jpg"] = jpeg(Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)))
+        images[f"flat-{index}.jpg"] = jpeg(Image.new("RGB", (80, 60), ((60 * index) % 256, 120, 200 - 40 * index)))
+    return images
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    """A local output with two committed runs (the second relabels two images) and a crashed, uncommitted one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    root = tmp_path_factory.mktemp("query")
+    images = corpus()
+    (root / "in").mkdir()
+    for name, data in images.items():
+        (root / "in" / name).write_bytes(data)
+    out = str(root / "out")
+    first = run(parse_spec({"input": str(root / "in"), "output": out, **SMALL}), progress=False)
+    second = run(
+        parse_spec({"input": f"{root}/in/flat-[01].jpg", "output": out, **SMALL}),
+        progress=False,
+    )
+    crashed = root / "out" / "_staging" / "20260101T000000Z-dead00"
+    crashed.mkdir(parents=True)
+    for path in (root / "out" / "predictions" / f"run-{first.run_id}").glob("*.parquet"):
+        (crashed / path.name).write_bytes(path.read_bytes())  # rows no manifest names
+    yield {"out": out, "root": root, "images": images, "first": first, "second": second}
+    ray.shutdown()
+
+
+def test_views_see_committed_runs_and_latest_has_one_row_per_image(labeled):
+    out, first, second = labeled["out"], labeled["first"], labeled["second"]
+    with connect(out) as db:
+        assert db.execute("SELECT count(*) FROM predictions").fetchone()[0] == first.rows + second.rows
+        assert db.execute("SELECT count(*), count(DISTINCT image_id) FROM latest").fetchone() == (first.rows,) * 2
+        newest = dict(db.execute("SELECT image_id, run_id FROM latest").fetchall())
+        assert sorted(run for run in newest.values()) == sorted([first.run_id] * (first.rows - 2) + [second.run_id] * 2)
+        assert db.execute("SELECT run_id FROM runs ORDER BY seq").fetchall() == [(first.run_id,), (second.run_id,)]
+        assert db.execute("SELECT image_id, error FROM errors").fetchall()[0][0].endswith("broken.jpg")
+        dimension = db.execute("SELECT typeof(embedding) FROM predictions LIMIT 1").fetchone()[0]
+    assert dimension == "FLOAT[512]"
+
+
+def test_label_search_by_name_and_by_wordnet_id(labeled):
+    with connect(labeled["out"]) as db:
+        latest = {r["image_id"]: r for r in db.execute("SELECT * FROM latest").to_arrow_table().to_pylist()}
+        most_common = db.execute("SELECT label, count(*) AS n FROM latest GROUP BY label ORDER BY n DESC").fetchone()
+        label = most_common[0]
+        wnid = next(r["top_k"][0]["wnid"] for r in latest.values() if r["label"] == label)
+        by_name = search(db, label).column("image_id").to_pylist()
+        by_wnid = search(db, wnid).column("image_id").to_pylist()
+        in_top3 = set(search(db, label, in_top_k=3).column("image_id").to_pylist())
+        high = search(db, label, in_top_k=3, min_score=0.5).to_pylist()
+        with pytest.raises(QueryError, match=r"no image in this output carries the label 'tenchh'.*tench"):
+            search(db, "tenchh")
+    expected_top1 = {i for i, r in latest.items() if r["status"] == "ok" and r["top_k"][0]["wnid"] == wnid}
+    expected_top3 = {
+        i for i, r in latest.items() if r["status"] == "ok" and wnid in [t["wnid"] for t in r["top_k"][:3]]
+    }
+    assert set(by_name) == set(by_wnid) == expected_top1 and by_name
+    assert in_top3 == expected_top3
+    assert all(row["score"] >= 0.5 for row in high)
+
+
+def test_similar_returns_the_image_first_and_its_resized_copy_next(labeled):
+    base = str(labeled["root"] / "in")
+    with connect(labeled["out"]) as db:
+        nearest = similar(db, f"{base}/china.jpg", k=5).to_pylist()
+        with pytest.raises(QueryError, match="no image"):
+            similar(db, f"{base}/nope.jpg")
+        with pytest.raises(QueryError, match="no embedding"):
+            similar(db, f"{base}/broken.jpg")
+    assert [row["image_id"] for row in nearest[:2]] == [f"{base}/china.jpg", f"{base}/china-resized.jpg"]
+    assert nearest[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert nearest[1]["similarity"] > nearest[2]["similarity"]
+
+
+def test_report_counts_reasons_labels_and_renders_html_with_pictures(labeled):
+    data = report(labeled["out"])
+    images = labeled["images"]
+    assert (data["images"], data["ok"], data["error"]) == (len(images), len(images) - 1, 1)
+    assert [r["reason"] for r in data["error_reasons"]] == ["not a readable image"]
+    assert sum(x["count"] for x in data["score_histogram"]) == len(images) - 1
+    assert sum(x["count"] for x in data["top_labels"]) <= len(images) - 1 and data["top_labels"]
+    assert [r["run_id"] for r in data["runs"]] == [labeled["first"].run_id, labeled["second"].run_id]
+    one = report(labeled["out"], run_id=labeled["second"].run_id)
+    assert (one["images"], one["runs"][0]["images"]) == (2, 2)
+    with pytest.raises(QueryError, match="no committed run"):
+        report(labeled["out"], run_id="20260101T000000Z-dead00")
+
+    page = to_html(data)
+    pictures = re.findall(r'<img alt="([^"]+)" src="data:image/svg\+xml;base64,([^"]+)"', page)
+    assert [alt for alt, _ in pictures] == ["histogram of top-1 labels", "histogram of top-1 scores"]
+    for _, encoded in pictures:
+        svg = base64.b64decode(encoded).decode()
+        assert svg.startswith("<svg") and svg.count("<rect") >= 1
+    assert data["top_labels"][0]["label"] in base64.b64decode(pictures[0][1]).decode()
+    assert "http" not in page.replace(labeled["out"], "")  # nothing to fetch: self-contained
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_query_search_similar_report(labeled, tmp_path):
+    out, base = labeled["out"], str(labeled["root"] / "in")
+    result = cli("query", out, "SELECT count(*) AS n FROM latest", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"n": len(labeled["images"])}
+    result = cli("query", out, "SELECT image_id, status FROM latest ORDER BY image_id", "--format", "csv")
+    assert result.stdout.splitlines()[0] == "image_id,status" and len(result.stdout.splitlines()) == 1 + len(
+        labeled["images"]
+    )
+    parquet = tmp_path / "latest.parquet"
+    result = cli("query", out, "SELECT * FROM latest", "--format", "parquet", "-o", str(parquet))
+    assert result.returncode == 0 and ds.dataset(parquet).count_rows() == len(labeled["images"])
+    assert cli("query", out, "SELECT nope FROM latest").returncode == 2
+
+    result = cli("similar", out, f"{base}/china.jpg", "-k", "3", "--format", "json")
+    assert [json.loads(line)["image_id"] for line in result.stdout.splitlines()][:2] == [
+        f"{base}/china.jpg",
+        f"{base}/china-resized.jpg",
+    ]
+    result = cli("search", out, "--label", "no-such-label")
+    assert result.returncode == 2 and "no image in this output carries" in result.stderr
+
+    page = tmp_path / "report.html"
+    result = cli("report", out, "--html", str(page))
+    assert result.returncode == 0 and f"images  {len(labeled['images'])}" in result.stdout
+    assert page.read_text().count("data:image/svg+xml;base64,") == 2
+
+
+def test_queries_on_s3(s3, labeled):
+    fs, bucket, storage_options = s3
+    for path in (labeled["root"] / "in").iterdir():
+        fs.pipe_file(f"{bucket}/in/{path.name}", path.read_bytes())
+    options = {**storage_options, "key": "testing", "secret": "testing"}
+    spec = parse_spec(
+        {
+            "input": {"url": f"s3://{bucket}/in/", "storage_options": options},
+            "output": {"url": f"s3://{bucket}/out", "storage_options": options},
+            **SMALL,
+        }
+    )
+    result = run(spec, progress=False)
+    with connect(f"s3://{bucket}/out", options) as db:
+        assert db.execute("SELECT count(*) FROM latest").fetchone()[0] == result.rows
+        nearest = similar(db, f"s3://{bucket}/in/china.jpg", k=2).column("image_id").to_pylist()
+    assert nearest == [f"s3://{bucket}/in/china.jpg", f"s3://{bucket}/in/china-resized.jpg"]
+    assert report(f"s3://{bucket}/out", storage_options=options)["images"] == result.rows
