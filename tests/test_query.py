@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from pipeline.query import QueryError, connect, search, similar
+from pipeline.query import QueryError, connect, fetch_arrow, search, similar
 from pipeline.report import report, to_html
 from pipeline.runner import run
 from pipeline.samples import VARIANTS, photo
@@ -94,7 +94,7 @@ def test_views_see_committed_runs_and_latest_has_one_row_per_image(labeled):
 
 def test_label_search_by_name_and_by_wordnet_id(labeled):
     with connect(labeled["out"]) as db:
-        latest = {r["image_id"]: r for r in db.execute("SELECT * FROM latest").to_arrow_table().to_pylist()}
+        latest = {r["image_id"]: r for r in fetch_arrow(db, "SELECT * FROM latest").to_pylist()}
         most_common = db.execute("SELECT label, count(*) AS n FROM latest GROUP BY label ORDER BY n DESC").fetchone()
         label = most_common[0]
         wnid = next(r["top_k"][0]["wnid"] for r in latest.values() if r["label"] == label)

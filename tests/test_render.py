@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,16 @@ from pipeline.render import SHIPS_SPEC, TARGETS, RenderError, load_cluster, rend
 from pipeline.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-KUBERAY = ROOT.parent / "shared" / "reference" / "kuberay"
+# KubeRay's CRD definitions: beside the checkout (../shared/reference/kuberay), or wherever KUBERAY_CRDS points.
+KUBERAY = Path(os.environ.get("KUBERAY_CRDS") or ROOT.parent / "shared" / "reference" / "kuberay")
 EXAMPLES = sorted([*ROOT.glob("infra/kuberay/*.yaml"), *ROOT.glob("infra/launcher/*.yaml")])
 HEADER = "# Rendered by: "
 FAKE_SECRET = "fake-secret-2f9c41d7"
 FAKE_KEY_ID = "fake-key-id-88e0a5"
 
 needs_crds = pytest.mark.skipif(
-    not KUBERAY.is_dir(), reason=f"KubeRay CRD definitions not found at {KUBERAY} (../shared/reference/kuberay)"
+    not KUBERAY.is_dir(),
+    reason=f"KubeRay CRD definitions not found at {KUBERAY} (../shared/reference/kuberay, or set KUBERAY_CRDS)",
 )
 
 
