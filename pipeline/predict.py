@@ -19,11 +19,16 @@ from pipeline.sink import TOP_K_TYPE, output_schema
 from pipeline.spec import InferenceSpec, ModelSpec
 
 
-def configure_tensorflow(precision: str) -> None:
-    """Before any TensorFlow op: grow GPU memory on demand, and set the Keras precision policy."""
+def configure_tensorflow(precision: str, threads: int = 0) -> None:
+    """Before any TensorFlow op: grow GPU memory on demand, set the Keras precision policy and, if asked, the
+    number of compute threads (0 leaves TensorFlow's default: one per core)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -80,7 +85,7 @@ class Predictor:
         timer=None,
     ):
         started = time.perf_counter()
-        configure_tensorflow(inference.precision)
+        configure_tensorflow(inference.precision, inference.threads_per_actor)
         import tensorflow as tf
 
         from pipeline.model import Labels, create_model, imagenet_labels

@@ -284,6 +284,7 @@ def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation
         .map_batches(
             decode_shards,
             batch_size=1,
+            num_cpus=spec.decode.cpus_per_task,
             fn_kwargs={
                 "input_options": input_options,
                 "preprocessing": spec.decode.preprocessing,

@@ -70,6 +70,7 @@ class DecodeSpec(_Section):
     preprocessing: Literal["crop", "squash"] = "crop"
     image_size: int = Field(224, ge=32, le=1024)
     max_pixels: int = Field(89_478_485, ge=1, description="Larger images become error rows (decompression bombs).")
+    cpus_per_task: float = Field(1, gt=0, description="CPUs Ray reserves per read+decode task.")
 
 
 class ActorPoolSpec(_Section):
@@ -88,6 +89,9 @@ class InferenceSpec(_Section):
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
     gpus_per_actor: float = Field(0, ge=0, description="0 runs on CPU; 1 gives each actor a GPU.")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per actor (TensorFlow may use more).")
+    threads_per_actor: int = Field(
+        0, ge=0, description="TensorFlow's compute threads per actor; 0: one per core of the node."
+    )
     actor_memory_gb: float = Field(2.0, gt=0, description="Memory reserved per actor (ResNet-50 needs ~1.5 GB).")
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = Field(False, description="Compile the forward pass with XLA.")

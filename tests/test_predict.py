@@ -99,3 +99,17 @@ def test_the_gpu_path_mixed_float16_with_xla_stays_close_to_float32():
     top1 = reference.column("class_id").to_pylist(), reduced.column("class_id").to_pylist()
     assert sum(x == y for x, y in zip(*top1, strict=True)) >= 7  # float16 may flip a near tie, not more
     assert reduced.column("embedding").type == reference.column("embedding").type  # stored as asked: float32
+
+
+def test_threads_per_actor_sets_tensorflows_thread_pools():
+    """Set before TensorFlow starts, so it runs in a fresh process, as an actor does."""
+    import subprocess
+    import sys
+
+    script = (
+        "from pipeline.predict import configure_tensorflow; import tensorflow as tf; "
+        "configure_tensorflow('float32', 1); threading = tf.config.threading; "
+        "print(threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["1", "1"], done.stderr[-2000:]
