@@ -60,20 +60,22 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 # --- the measured programs, each run in a fresh process -----------------------------------------------------------
 
 
-def compiled_resnet50(batch_size: int):
+def compiled_resnet50(batch_size: int, threads: int = 0, precision: str = "float32"):
     from pipeline.model import create_model
-    from pipeline.predict import CompiledModel
+    from pipeline.predict import CompiledModel, configure_tensorflow
+
+    configure_tensorflow(precision, threads)
 
     model = create_model("resnet50", weights="random", input_shape=(224, 224, 3), with_embedding=True)
     return CompiledModel(model, batch_size, 224, top_k=5)
 
 
-def model_only(batch_size: int, batches: int) -> dict:
+def model_only(batch_size: int, batches: int, threads: int = 0, precision: str = "float32") -> dict:
     import numpy as np
 
     from pipeline.decode import decode
 
-    compiled = compiled_resnet50(batch_size)
+    compiled = compiled_resnet50(batch_size, threads, precision)
     images = sorted(Path(os.environ["BENCH_IMAGES"]).glob("*.jpg"))[:batch_size]
     pixels = np.stack([decode(p.read_bytes())[0] for p in images])
     times = []
@@ -126,7 +128,7 @@ def ray_docs_pattern(batch_size: int, folder: str, output: str) -> dict:
     return {"rows": ray.data.read_parquet(output).count()}
 
 
-def pipeline_run(batch_size: int, folder: str, output: str) -> dict:
+def pipeline_run(batch_size: int, folder: str, output: str, *overrides: str) -> dict:
     spec = {"input": folder, "output": output}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(spec, f)
@@ -134,6 +136,8 @@ def pipeline_run(batch_size: int, folder: str, output: str) -> dict:
         sys.executable, "-m", "pipeline", "run", f.name, "--quiet",
         "--set", "model.weights=random", "--set", f"inference.batch_size={batch_size}",
     ]  # fmt: skip
+    for override in overrides:
+        command += ["--set", override]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (manifest,) = Path(output, "_runs").glob("*.json")
     record = json.loads(manifest.read_text())
@@ -143,13 +147,13 @@ def pipeline_run(batch_size: int, folder: str, output: str) -> dict:
 PROGRAMS = {"model": model_only, "naive": naive_loop, "ray_docs": ray_docs_pattern, "pipeline": pipeline_run}
 
 
-def timed(program: str, *args, output: Path | None = None, repeat: int = 1) -> dict:
+def timed(program: str, *args, output: Path | None = None, extra: tuple = (), repeat: int = 1) -> dict:
     """Run one program in a fresh Python process, ``repeat`` times; the fastest run (least disturbed) counts.
 
     Each attempt writes to an output of its own (``output`` with the attempt's number).
     """
     runs = [
-        _timed_once(program, *args, *([output.with_name(f"{output.name}-{i}")] if output else []))
+        _timed_once(program, *args, *([output.with_name(f"{output.name}-{i}")] if output else []), *extra)
         for i in range(repeat)
     ]
     if program == "model":
@@ -161,17 +165,36 @@ def timed(program: str, *args, output: Path | None = None, repeat: int = 1) -> d
 
 def _timed_once(program: str, *args) -> dict:
     started = time.perf_counter()
-    done = subprocess.run(
+    done = _start(program, *args).communicate()
+    return _result(program, done, time.perf_counter() - started)
+
+
+def _start(program: str, *args) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, str(HERE), "--worker", program, *map(str, args)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{program} failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "wall_seconds": round(wall, 2)}
+
+
+def _result(program: str, done: tuple[str, str], wall: float) -> dict:
+    stdout, stderr = done
+    if not stdout.strip():
+        raise RuntimeError(f"{program} failed:\n{stderr[-4000:]}")
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_seconds": round(wall, 2)}
+
+
+def model_replicas(replicas: int, batch_size: int, batches: int, precision: str, repeat: int) -> dict:
+    """``replicas`` single-threaded model-only processes at once (one per core): their summed rate."""
+    best = None
+    for _ in range(repeat):
+        processes = [_start("model", batch_size, batches, 1, precision) for _ in range(replicas)]
+        rates = [_result("model", p.communicate(), 0)["images_per_second"] for p in processes]
+        if best is None or sum(rates) > best["images_per_second"]:
+            best = {"images_per_second": sum(rates), "per_replica": rates}
+    return best
 
 
 def main() -> None:
@@ -180,7 +203,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-batches", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "resnet-pipeline-bench")
-    parser.add_argument("--only", nargs="*", default=["model", "naive", "ray_docs", "pipeline"])
+    parser.add_argument("--only", nargs="*", default=["model", "replicas", "naive", "ray_docs", "pipeline"])
+    parser.add_argument("--precision", default="float32", help="for the model-only programs and the pipeline")
+    parser.add_argument(
+        "--pipeline-set", action="append", default=[], help="--set override for the pipeline run (repeatable)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="Runs of each program; the fastest counts.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -205,7 +232,11 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     if "model" in args.only:
-        results["a_model_only"] = timed("model", batch, args.model_batches, repeat=args.repeat)
+        results["a_model_only"] = timed("model", batch, args.model_batches, 0, args.precision, repeat=args.repeat)
+    if "replicas" in args.only:
+        replicas = os.cpu_count() or 1
+        results["a2_model_replicas"] = model_replicas(replicas, batch, args.model_batches, args.precision, args.repeat)
+    pipeline_overrides = (f"inference.precision={args.precision}", *args.pipeline_set)
     if "naive" in args.only:
         results["b_naive"] = timed(
             "naive", batch, first[0].parent, output=outputs / "naive.parquet", repeat=args.repeat
@@ -213,8 +244,9 @@ def main() -> None:
     for key, program in (("c_ray_docs", "ray_docs"), ("d_pipeline", "pipeline")):
         if program not in args.only:
             continue
-        once = timed(program, batch, first[0].parent, output=outputs / f"{program}-n", repeat=args.repeat)
-        twice = timed(program, batch, both, output=outputs / f"{program}-2n", repeat=args.repeat)
+        extra = pipeline_overrides if program == "pipeline" else ()
+        once = timed(program, batch, first[0].parent, output=outputs / f"{program}-n", extra=extra, repeat=args.repeat)
+        twice = timed(program, batch, both, output=outputs / f"{program}-2n", extra=extra, repeat=args.repeat)
         assert once["rows"] == n and twice["rows"] == 2 * n, (once, twice)
         results[key] = {
             "end_to_end": once,
@@ -231,12 +263,16 @@ def main() -> None:
         "images": n,
         "batch_size": batch,
         "repeat": args.repeat,
+        "precision": args.precision,
+        "pipeline_overrides": list(pipeline_overrides),
         "results": results,
     }
     rate = {key: value["images_per_second"] for key, value in results.items()}
     if {"a_model_only", "d_pipeline"} <= rate.keys():
         report["d_steady/a"] = results["d_pipeline"]["steady_images_per_second"] / rate["a_model_only"]
         report["d/a (end to end)"] = rate["d_pipeline"] / rate["a_model_only"]
+    if {"a2_model_replicas", "d_pipeline"} <= rate.keys():
+        report["d_steady/a2"] = results["d_pipeline"]["steady_images_per_second"] / rate["a2_model_replicas"]
     if {"b_naive", "d_pipeline"} <= rate.keys():
         report["d/b"] = rate["d_pipeline"] / rate["b_naive"]
     if {"c_ray_docs", "d_pipeline"} <= rate.keys():
