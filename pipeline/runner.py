@@ -226,6 +226,10 @@ def _execute(
     from pipeline.metrics import StageTimer
 
     context = DataContext.get_current()
+    # Decoded pixels waiting for the model are bounded by the model's pace, not by the run's size: memory stays
+    # flat from a thousand images to millions, and nothing spills to disk.
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits.copy(object_store_memory=_buffer_bytes(spec))
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
@@ -246,6 +250,12 @@ def _execute(
     stage_seconds["ray_init"] = {"seconds": round(ray_started - started, 3), "items": 0}
     stage_seconds["pipeline"] = {"seconds": round(time.perf_counter() - ray_started, 3), "items": 0}
     return stage_seconds, actors
+
+
+def _buffer_bytes(spec: JobSpec) -> int:
+    """Object store budget for the run: 16 batches of decoded pixels per model replica, and at least 512 MiB."""
+    batch = spec.inference.batch_size * spec.decode.image_size**2 * 3
+    return max(512 * 2**20, 16 * batch * spec.inference.actors.max)
 
 
 def _check_complete(location: OutputLocation, run_id: str, plan: Plan, staged) -> list[dict[str, Any]]:
