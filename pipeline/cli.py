@@ -487,9 +487,12 @@ def submit(
         raise typer.Exit(1)
 
 
+JobArgument = typer.Argument(..., metavar="JOB", help="Submission id.")
+
+
 @app.command("status")
 def status_command(
-    job_id: str = typer.Argument(..., metavar="JOB", help="Submission id."),
+    job_id: str = JobArgument,
     address: str | None = ClusterAddressOption,
     token_file: Path | None = TokenFileOption,
 ) -> None:
@@ -503,7 +506,7 @@ def status_command(
 
 @app.command("logs")
 def logs_command(
-    job_id: str = typer.Argument(..., metavar="JOB", help="Submission id."),
+    job_id: str = JobArgument,
     address: str | None = ClusterAddressOption,
     token_file: Path | None = TokenFileOption,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
@@ -521,7 +524,7 @@ def logs_command(
 
 @app.command("stop")
 def stop_command(
-    job_id: str = typer.Argument(..., metavar="JOB", help="Submission id."),
+    job_id: str = JobArgument,
     address: str | None = ClusterAddressOption,
     token_file: Path | None = TokenFileOption,
 ) -> None:
