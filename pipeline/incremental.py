@@ -36,7 +36,7 @@ from pipeline.runs import (
 )
 from pipeline.sources import Shard, unreadable_id
 from pipeline.spec import JobSpec
-from pipeline.storage import with_retries, write_bytes
+from pipeline.storage import version_of, with_retries, write_bytes
 
 Mode = str  # "full" | "incremental" | "retry-failed"
 
@@ -68,8 +68,7 @@ def _identity(url: str, storage_options: dict) -> str:
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         info = with_retries(lambda: fs.info(path))
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        return f"{redact_url(url)}@{str(version).strip(chr(34))}:{info.get('size')}"
+        return f"{redact_url(url)}@{version_of(info)}:{info.get('size')}"
     except Exception:
         return redact_url(url)
 

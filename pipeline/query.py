@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from pipeline.runs import OutputLocation, read_manifests, read_shards
+from pipeline.runs import OutputLocation, committed_paths, read_manifests, read_shards
 from pipeline.sink import arrow_filesystem, output_schema
 
 LATEST = """
@@ -62,7 +62,7 @@ def dataset(
     """A pyarrow dataset of every committed row (files named by manifests, read through fsspec)."""
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
     manifests = read_manifests(location) if manifests is None else manifests
-    files = [location.path(relative) for manifest in manifests for relative in manifest["files"]]
+    files = committed_paths(location, manifests)
     if not files:
         return ds.dataset(output_schema(2048, "float32").empty_table())
     return ds.dataset(files, format="parquet", filesystem=arrow_filesystem(location.fs))

@@ -367,8 +367,13 @@ def committed_files(url: str, storage_options: dict | None = None) -> list[str]:
     For a pyarrow dataset over them (with the same filesystem options) use :func:`pipeline.query.dataset`.
     """
     location = OutputLocation.open(url, storage_options)
-    paths = [location.path(relative) for m in read_manifests(location) for relative in m["files"]]
+    paths = committed_paths(location, read_manifests(location))
     return paths if is_local(location.fs) else [location.fs.unstrip_protocol(path) for path in paths]
+
+
+def committed_paths(location: OutputLocation, manifests: list[dict[str, Any]]) -> list[str]:
+    """The data files the given manifests commit, as paths inside the location's filesystem."""
+    return [location.path(relative) for manifest in manifests for relative in manifest["files"]]
 
 
 def read_shards(location: OutputLocation, manifests: list[dict[str, Any]]) -> pa.Table:

@@ -72,6 +72,12 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
+def version_of(info: dict[str, Any]) -> str | None:
+    """A stored file's version from its fsspec ``info``: the ETag (S3, Azure), MD5 (GCS), else modification time."""
+    version = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
+    return None if version is None else str(version).strip('"')
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole file so readers see the old state or the new one, never a part.
 

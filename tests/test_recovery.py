@@ -76,8 +76,8 @@ def stop_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def committed_rows(output: str) -> list[dict]:
-    with connect(output) as db:
+def committed_rows(output: str, storage_options: dict | None = None) -> list[dict]:
+    with connect(output, storage_options) as db:
         return [
             dict(zip(("image_id", "status", "run_id"), row, strict=True))
             for row in db.execute("SELECT image_id, status, run_id FROM predictions").fetchall()
@@ -153,18 +153,10 @@ def test_a_flaky_store_costs_retries_not_rows(s3, ray_cluster):
         document["output"].update(storage_options=options, rows_per_file=4)
         result = run(parse_spec(document), progress=False)
     assert proxy.counts["slow_down"] and proxy.counts["drop_before"] and proxy.counts["drop_after"], proxy.counts
-    rows = committed_rows_s3(f"s3://{bucket}/out", storage_options)
+    rows = committed_rows(f"s3://{bucket}/out", storage_options)
     expected = sorted(f"s3://{bucket}/in/shard-{i // 6}.tar#{name}" for i, name in enumerate(names))
     assert sorted(r["image_id"] for r in rows) == expected
     assert {r["status"] for r in rows} == {"ok"} and result.error == 0
-
-
-def committed_rows_s3(output: str, storage_options: dict) -> list[dict]:
-    with connect(output, storage_options) as db:
-        return [
-            dict(zip(("image_id", "status", "run_id"), row, strict=True))
-            for row in db.execute("SELECT image_id, status, run_id FROM predictions").fetchall()
-        ]
 
 
 def test_three_nights_on_a_growing_bucket(tmp_path, ray_cluster):

@@ -16,7 +16,7 @@ import fsspec
 from fsspec.core import has_magic
 
 from pipeline.sources import images, parquet, tfrecord, webdataset
-from pipeline.storage import ATTEMPTS, backoff, is_transient, with_retries
+from pipeline.storage import ATTEMPTS, backoff, is_transient, version_of, with_retries
 
 READERS = {"images": images, "webdataset": webdataset, "tfrecord": tfrecord, "parquet": parquet}
 
@@ -90,12 +90,7 @@ def list_shards(url: str, format: str = "auto", storage_options: dict | None = N
         if detected is None or (format != "auto" and detected != format):
             continue
         formats.add(detected)
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
-        shards.append(
-            Shard(
-                _unstrip(fs, protocol, path), detected, info.get("size"), None if etag is None else str(etag).strip('"')
-            )
-        )
+        shards.append(Shard(_unstrip(fs, protocol, path), detected, info.get("size"), version_of(info)))
     if not shards:
         wanted = "images or shards" if format == "auto" else f"{format} shards"
         raise InputError(f"input.url: no {wanted} found at {url}")
