@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --images 1200 --batch-size 32
 
 (a) model only      the compiled forward pass (the pipeline's own CompiledModel) on decoded batches, steady state
+(a0) model unfolded the same with batch norms left as Keras runs them (`--only model_unfolded`), for reference
 (b) naive loop      one process: PIL decode + crop, then the same compiled model, batch by batch
 (c) Ray docs        read_images(size=(224, 224), mode="RGB") + map_batches(callable class, ActorPoolStrategy)
                     with the same compiled model and batch size, written to Parquet
@@ -60,22 +61,22 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 # --- the measured programs, each run in a fresh process -----------------------------------------------------------
 
 
-def compiled_resnet50(batch_size: int, threads: int = 0, precision: str = "float32"):
+def compiled_resnet50(batch_size: int, threads: int = 0, precision: str = "float32", fold: bool = True):
     from pipeline.model import create_model
     from pipeline.predict import CompiledModel, configure_tensorflow
 
     configure_tensorflow(precision, threads)
 
     model = create_model("resnet50", weights="random", input_shape=(224, 224, 3), with_embedding=True)
-    return CompiledModel(model, batch_size, 224, top_k=5)
+    return CompiledModel(model, batch_size, 224, top_k=5, fold=fold)
 
 
-def model_only(batch_size: int, batches: int, threads: int = 0, precision: str = "float32") -> dict:
+def model_only(batch_size: int, batches: int, threads: int = 0, precision: str = "float32", fold: int = 1) -> dict:
     import numpy as np
 
     from pipeline.decode import decode
 
-    compiled = compiled_resnet50(batch_size, threads, precision)
+    compiled = compiled_resnet50(batch_size, threads, precision, bool(fold))
     images = sorted(Path(os.environ["BENCH_IMAGES"]).glob("*.jpg"))[:batch_size]
     pixels = np.stack([decode(p.read_bytes())[0] for p in images])
     times = []
@@ -203,7 +204,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model-batches", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "resnet-pipeline-bench")
-    parser.add_argument("--only", nargs="*", default=["model", "replicas", "naive", "ray_docs", "pipeline"])
+    parser.add_argument(
+        "--only", nargs="*", default=["model", "model_unfolded", "replicas", "naive", "ray_docs", "pipeline"]
+    )
     parser.add_argument("--precision", default="float32", help="for the model-only programs and the pipeline")
     parser.add_argument(
         "--pipeline-set", action="append", default=[], help="--set override for the pipeline run (repeatable)"
@@ -233,6 +236,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     if "model" in args.only:
         results["a_model_only"] = timed("model", batch, args.model_batches, 0, args.precision, repeat=args.repeat)
+    if "model_unfolded" in args.only:
+        results["a0_model_unfolded"] = timed(
+            "model", batch, args.model_batches, 0, args.precision, 0, repeat=args.repeat
+        )
     if "replicas" in args.only:
         replicas = os.cpu_count() or 1
         results["a2_model_replicas"] = model_replicas(replicas, batch, args.model_batches, args.precision, args.repeat)

@@ -37,14 +37,21 @@ def configure_tensorflow(precision: str, threads: int = 0) -> None:
 
 class CompiledModel:
     """A model's forward pass compiled once for uint8 ``[batch_size, size, size, 3]`` input: 'caffe' preprocessing,
-    top-k and the pooled embedding in one call. Any number of images is run in padded batches of that shape."""
+    top-k and the pooled embedding in one call. Any number of images is run in padded batches of that shape.
 
-    def __init__(self, model, batch_size: int, image_size: int, top_k: int, jit_compile: bool = False):
+    Batch norms are folded into their convolutions first (same results, 1.2x faster in float32 and 1.7x in
+    bfloat16 on CPU, see ``benchmarks/RESULTS.md``); ``fold=False`` compiles the model as built."""
+
+    def __init__(
+        self, model, batch_size: int, image_size: int, top_k: int, jit_compile: bool = False, fold: bool = True
+    ):
         import tensorflow as tf
 
-        from pipeline.model import caffe_preprocess
+        from pipeline.model import caffe_preprocess, fold_batch_norms
 
         self.batch_size = batch_size
+        if fold:
+            model = fold_batch_norms(model)
 
         @tf.function(
             jit_compile=jit_compile,

@@ -12,6 +12,7 @@ import importlib
 # Imported on first use, so that importing the package (the driver, CPU workers) does not import TensorFlow.
 _EXPORTS = {
     "pipeline.model.factory": ("create_model", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"),
+    "pipeline.model.fold": ("fold_batch_norms",),
     "pipeline.model.labels": ("ClassLabel", "LabelError", "Labels", "imagenet_labels"),
     "pipeline.model.preprocess": ("caffe_preprocess",),
     "pipeline.model.resnet": ("ARCHITECTURES", "build_resnet", "embedding_dim"),
