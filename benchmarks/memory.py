@@ -37,12 +37,13 @@ def tree_pss(root: psutil.Process) -> int:
     return total
 
 
-def measured_run(images: Path, output: Path, temp_dir: Path, batch_size: int) -> dict:
+def measured_run(images: Path, output: Path, temp_dir: Path, batch_size: int, overrides: list[str]) -> dict:
     spec = output.with_suffix(".yaml")
     spec.write_text(json.dumps({"input": str(images), "output": str(output)}))
     command = [
         sys.executable, "-m", "pipeline", "run", str(spec), "--quiet",
         "--set", "model.weights=random", "--set", f"inference.batch_size={batch_size}",
+        *(item for override in overrides for item in ("--set", override)),
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_TMPDIR": str(temp_dir)}
     started = time.perf_counter()
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "resnet-pipeline-memory")
+    parser.add_argument("--set", action="append", default=[], help="spec override for the runs (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -100,7 +102,7 @@ def main() -> None:
         make_images(images, count, seed=count)
         work = Path(tempfile.mkdtemp(prefix=f"run-{count}-", dir=args.workdir))
         temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
-        results[count] = measured_run(images, work / "out", temp_dir, args.batch_size)
+        results[count] = measured_run(images, work / "out", temp_dir, args.batch_size, args.set)
         print(count, json.dumps(results[count]), flush=True)
     sizes = sorted(results)
     report = {

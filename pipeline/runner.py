@@ -31,7 +31,7 @@ from pipeline.runs import (
     recover,
     staged_files,
 )
-from pipeline.sink import arrow_filesystem, rows_per_file
+from pipeline.sink import arrow_filesystem, row_bytes, rows_per_file
 from pipeline.sources import InputError, Shard, list_shards
 from pipeline.spec import JobSpec
 
@@ -118,6 +118,11 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # The local cluster's workers inherit this: Arrow's allocator (mimalloc) hands freed memory back at once.
+        # Otherwise a worker that wrote a Parquet file keeps about five times the file's size until it exits.
+        # Cluster images set it in their Dockerfiles.
+        os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
     ray.init(
         address=address,
         logging_level=logging.WARNING,
@@ -225,19 +230,19 @@ def _execute(
 
     from pipeline.metrics import StageTimer
 
+    target_rows = rows_per_file(
+        spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
+    )
     context = DataContext.get_current()
-    # Decoded pixels waiting for the model are bounded by the model's pace, not by the run's size: memory stays
-    # flat from a thousand images to millions, and nothing spills to disk.
+    # What waits in the object store is bounded by the model's pace and the file size, not by the run's size:
+    # memory stays flat from a thousand images to millions, and nothing spills to disk.
     limits = context.execution_options.resource_limits
-    context.execution_options.resource_limits = limits.copy(object_store_memory=_buffer_bytes(spec))
+    context.execution_options.resource_limits = limits.copy(object_store_memory=_buffer_bytes(spec, target_rows))
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
     timer = StageTimer.remote()
     try:
-        target_rows = rows_per_file(
-            spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
-        )
         _plan(spec, plan.entries, location, run_id, timer).write_parquet(
             location.staging(run_id),
             filesystem=arrow_filesystem(location.fs),
@@ -252,10 +257,12 @@ def _execute(
     return stage_seconds, actors
 
 
-def _buffer_bytes(spec: JobSpec) -> int:
-    """Object store budget for the run: 16 batches of decoded pixels per model replica, and at least 512 MiB."""
-    batch = spec.inference.batch_size * spec.decode.image_size**2 * 3
-    return max(512 * 2**20, 16 * batch * spec.inference.actors.max)
+def _buffer_bytes(spec: JobSpec, rows_per_file: int) -> int:
+    """Object store budget for the run: 16 batches of decoded pixels per model replica, plus two files' worth of
+    output rows being gathered for the writer, and at least 128 MiB."""
+    pixels = 16 * spec.inference.batch_size * spec.decode.image_size**2 * 3 * spec.inference.actors.max
+    rows = 2 * rows_per_file * row_bytes(spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k)
+    return max(128 * 2**20, pixels + rows)
 
 
 def _check_complete(location: OutputLocation, run_id: str, plan: Plan, staged) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ class OutputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     embedding_dtype: Literal["float32", "float16", "none"] = "float32"
     rows_per_file: int | None = Field(
-        None, ge=1, description="Target rows per Parquet file; default: about 128 MB of rows, at most 50,000."
+        None, ge=1, description="Target rows per Parquet file; default: about 32 MB of rows, at most 50,000."
     )
 
 
