@@ -82,9 +82,12 @@ def test_bfloat16_folded_moves_no_further_from_float32_than_unfolded():
     assert folded_error < max(1.5 * unfolded_error, 0.02)
 
 
-def test_a_batch_norm_without_a_biased_convolution_before_it_is_refused():
+@pytest.mark.parametrize(("use_bias", "between"), [(False, None), (True, "relu"), (False, "relu")])
+def test_a_batch_norm_not_right_after_a_biased_convolution_is_refused(use_bias, between):
     inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.Conv2D(4, 3, use_bias=use_bias, name="stem_conv")(inputs)
+    if between:
+        x = keras.layers.Activation(between)(x)
     outputs = keras.layers.BatchNormalization(name="stem_bn")(x)
-    with pytest.raises(ValueError, match="stem_bn"):
+    with pytest.raises(ValueError, match="cannot fold 'stem_bn'"):
         fold_batch_norms(keras.Model(inputs, outputs))

@@ -25,12 +25,14 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
     """An inference copy of a ResNet built by :func:`pipeline.model.build_resnet`, in which every batch norm
     ``<prefix>_bn`` is folded into the convolution ``<prefix>_conv`` that feeds it. Same outputs, within float
     rounding; the model's other attributes (``weights_info``) carry over."""
-    batch_norms = {layer.name: layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)}
+    layers_by_name = {layer.name: layer for layer in model.layers}
     conv_of = {}
-    for name, bn in batch_norms.items():
-        conv = model.get_layer(name.removesuffix("_bn") + "_conv")
-        if not (isinstance(conv, layers.Conv2D) and conv.use_bias and bn.axis in (-1, [-1], [3], 3)):
-            raise ValueError(f"cannot fold {name!r}: it must follow a biased convolution over the channels-last axis")
+    for bn in (layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)):
+        conv = layers_by_name.get(bn.name.removesuffix("_bn") + "_conv")
+        if not (isinstance(conv, layers.Conv2D) and conv.use_bias and bn.input is conv.output and bn.axis in (-1, 3)):
+            raise ValueError(
+                f"cannot fold {bn.name!r}: it must follow a biased convolution over the channels-last axis"
+            )
         conv_of[conv.name] = bn
 
     def call_unless_batch_norm(layer, inputs, *args, **kwargs):
@@ -40,7 +42,6 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
     for layer in (layer for layer in folded.layers if layer.weights):  # the input layer is renamed in the clone
         source = model.get_layer(layer.name)
         layer.set_weights(_folded(source, conv_of[layer.name]) if layer.name in conv_of else source.get_weights())
-    for name, value in vars(model).items():
-        if name == "weights_info":
-            folded.weights_info = value
+    if hasattr(model, "weights_info"):
+        folded.weights_info = model.weights_info
     return folded
