@@ -63,9 +63,9 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 def compiled_resnet50(batch_size: int, threads: int = 0, precision: str = "float32", fold: bool = True):
     from pipeline.model import create_model
-    from pipeline.predict import CompiledModel, configure_tensorflow
+    from pipeline.predict import CompiledModel, configure_backend
 
-    configure_tensorflow(precision, threads)
+    configure_backend(precision, threads)
 
     model = create_model("resnet50", weights="random", input_shape=(224, 224, 3), with_embedding=True)
     return CompiledModel(model, batch_size, 224, top_k=5, fold=fold)

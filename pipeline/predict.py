@@ -19,20 +19,35 @@ from pipeline.sink import TOP_K_TYPE, output_schema
 from pipeline.spec import InferenceSpec, ModelSpec
 
 
-def configure_tensorflow(precision: str, threads: int = 0) -> None:
-    """Before any TensorFlow op: grow GPU memory on demand, set the Keras precision policy and, if asked, the
-    number of compute threads (0 leaves TensorFlow's default: one per core)."""
+def configure_backend(precision: str, threads: int = 0) -> None:
+    """Before the first op: set the Keras precision policy and let GPU memory grow on demand. On TensorFlow,
+    ``threads`` sets the number of compute threads (0 leaves TensorFlow's default: one per core)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX: no 75% grab, actors may share a GPU
     import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    keras.mixed_precision.set_global_policy(precision)
+
+
+def backend_devices() -> list[str]:
+    """The devices the Keras backend computes on, for the manifest."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [str(device) for device in jax.devices()]
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
-    keras.mixed_precision.set_global_policy(precision)
+    return [device.name for device in tf.config.list_logical_devices()]
 
 
 class CompiledModel:
@@ -40,12 +55,15 @@ class CompiledModel:
     top-k and the pooled embedding in one call. Any number of images is run in padded batches of that shape.
 
     Batch norms are folded into their convolutions first (same results, 1.2x faster in float32 and 1.7x in
-    bfloat16 on CPU, see ``benchmarks/RESULTS.md``); ``fold=False`` compiles the model as built."""
+    bfloat16 on CPU, see ``benchmarks/RESULTS.md``); ``fold=False`` compiles the model as built. It compiles with
+    the Keras backend in use: a ``tf.function`` (XLA if ``jit_compile``) on TensorFlow, ``jax.jit`` (always XLA)
+    on JAX."""
 
     def __init__(
         self, model, batch_size: int, image_size: int, top_k: int, jit_compile: bool = False, fold: bool = True
     ):
-        import tensorflow as tf
+        import keras
+        from keras import ops
 
         from pipeline.model import caffe_preprocess, fold_batch_norms
 
@@ -53,17 +71,42 @@ class CompiledModel:
         if fold:
             model = fold_batch_norms(model)
 
-        @tf.function(
-            jit_compile=jit_compile,
-            input_signature=[tf.TensorSpec([batch_size, image_size, image_size, 3], tf.uint8)],
-        )
-        def forward(images):
-            outputs = model(caffe_preprocess(images), training=False)
-            scores, class_ids = tf.math.top_k(tf.cast(outputs["predictions"], tf.float32), k=top_k)
-            return class_ids, scores, tf.cast(outputs["embedding"], tf.float32)
+        def heads(outputs):
+            scores, class_ids = ops.top_k(ops.cast(outputs["predictions"], "float32"), k=top_k)
+            return class_ids, scores, ops.cast(outputs["embedding"], "float32")
+
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            @tf.function(
+                jit_compile=jit_compile,
+                input_signature=[tf.TensorSpec([batch_size, image_size, image_size, 3], tf.uint8)],
+            )
+            def forward(images):
+                return heads(model(caffe_preprocess(images), training=False))
+
+        elif backend == "jax":
+            import jax
+
+            # Weights are arguments, not constants folded into the compiled program (which would copy 100 MB of
+            # ResNet-50 into it and slow compilation down).
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+
+            @jax.jit
+            def stateless_forward(trainable, non_trainable, images):
+                outputs, _ = model.stateless_call(trainable, non_trainable, caffe_preprocess(images), training=False)
+                return heads(outputs)
+
+            def forward(images):
+                return stateless_forward(trainable, non_trainable, images)
+
+        else:
+            raise ValueError(f"the model stage runs on the 'tensorflow' or 'jax' Keras backend, not {backend!r}")
 
         self.forward = forward
-        self.forward(tf.zeros([batch_size, image_size, image_size, 3], tf.uint8))  # trace now, not on batch 1
+        self.forward(np.zeros([batch_size, image_size, image_size, 3], np.uint8))  # compile now, not on batch 1
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Class ids, scores (``[n, k]``) and embeddings (``[n, D]``) for any number of images."""
@@ -74,7 +117,7 @@ class CompiledModel:
             if len(chunk) < self.batch_size:  # same shape every call: no retracing
                 padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.uint8)
                 padded[: len(chunk)] = chunk
-            class_ids, top_scores, embedding = (t.numpy()[: len(chunk)] for t in self.forward(padded))
+            class_ids, top_scores, embedding = (np.asarray(t)[: len(chunk)] for t in self.forward(padded))
             ids.append(class_ids)
             scores.append(top_scores)
             embeddings.append(embedding)
@@ -92,9 +135,7 @@ class Predictor:
         timer=None,
     ):
         started = time.perf_counter()
-        configure_tensorflow(inference.precision, inference.threads_per_actor)
-        import tensorflow as tf
-
+        configure_backend(inference.precision, inference.threads_per_actor)
         from pipeline.model import Labels, create_model, imagenet_labels
 
         labels = Labels.from_file(model_spec.labels, model_spec.storage_options) if model_spec.labels else None
@@ -124,6 +165,7 @@ class Predictor:
         self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
         self.startup_seconds = time.perf_counter() - started
         if timer is not None:
+            import keras
             import ray
 
             timer.add.remote("model_startup", self.startup_seconds, 1)
@@ -131,7 +173,8 @@ class Predictor:
                 {
                     "node_id": ray.get_runtime_context().get_node_id(),
                     "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
-                    "tensorflow_devices": [device.name for device in tf.config.list_logical_devices()],
+                    "backend": keras.backend.backend(),
+                    "devices": backend_devices(),
                     "startup_seconds": round(self.startup_seconds, 3),
                 }
             )

@@ -10,6 +10,7 @@ weights and labels exist, the output is writable. Only then does Ray start.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -87,6 +88,11 @@ def preflight(spec: JobSpec) -> list[Shard]:
     from pipeline.model import LabelError, Labels, WeightsError
     from pipeline.model.weights import imagenet_file, local_copy
 
+    if spec.inference.backend != "tensorflow" and importlib.util.find_spec(spec.inference.backend) is None:
+        raise PreflightError(
+            f"inference.backend: {spec.inference.backend!r} needs the {spec.inference.backend} package, which is not "
+            "installed here (the cluster's image needs it too)"
+        )
     model = spec.model
     try:
         if model.weights == "imagenet":
@@ -322,6 +328,7 @@ def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation
             # Reserving the model's memory keeps Ray from packing more actors on a node than fit. It also keeps Ray
             # Data from fusing decoding into the actors (different remote args): decoding scales with CPUs.
             memory=spec.inference.actor_memory_gb * 2**30,
+            runtime_env={"env_vars": {"KERAS_BACKEND": spec.inference.backend}},
             fn_constructor_kwargs={
                 "model_spec": spec.model,
                 "inference": spec.inference,

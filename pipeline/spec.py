@@ -94,7 +94,10 @@ class InferenceSpec(_Section):
     )
     actor_memory_gb: float = Field(2.0, gt=0, description="Memory reserved per actor (ResNet-50 needs ~1.5 GB).")
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
-    jit_compile: bool = Field(False, description="Compile the forward pass with XLA.")
+    jit_compile: bool = Field(False, description="Compile the forward pass with XLA (always so on JAX).")
+    backend: Literal["tensorflow", "jax"] = Field(
+        "tensorflow", description="Keras backend of the model stage; 'jax' needs jax installed on the workers."
+    )
 
 
 class JobSpec(_Section):

@@ -109,6 +109,7 @@ def test_a_download_that_cannot_work_fails_before_any_work(tmp_path, monkeypatch
         ({"input": "IN/missing", "output": "OUT"}, [], "input.url: nothing found at"),
         ({"input": "IN", "output": "OUT", "model": {"weights": "/no/such.h5"}}, [], "model.weights: Weights file"),
         ({"input": "IN", "output": "OUT", "model": {"weights": "imagenet"}}, [], "model.weights: The ImageNet"),
+        ({"input": "IN", "output": "OUT"}, ["inference.backend=torch"], "inference.backend: Input should be"),
     ],
 )
 def test_bad_specs_stop_before_any_work(tmp_path, document, overrides, message):
@@ -121,6 +122,22 @@ def test_bad_specs_stop_before_any_work(tmp_path, document, overrides, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_backend_that_is_not_installed_stops_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline.runner import PreflightError, preflight
+    from pipeline.spec import parse_spec
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"not even an image")
+    spec = parse_spec({"input": str(tmp_path / "in"), "output": str(tmp_path / "out")}, ["inference.backend=jax"])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else find_spec(name, *a))
+    with pytest.raises(PreflightError, match=r"inference\.backend: 'jax' needs the jax package"):
+        preflight(spec)
     assert not (tmp_path / "out").exists()
 
 

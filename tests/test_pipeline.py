@@ -99,6 +99,24 @@ def test_every_image_has_one_row_that_matches_the_model(sample_run, direct_model
     assert checked == len(VARIANTS) * len(PHOTOS)
 
 
+def test_the_model_stage_runs_on_jax(tmp_path, direct_model):
+    """``inference.backend: jax`` (the Keras backend on JAX-only GPU images): the actors compile with jax.jit and
+    give the rows the TensorFlow model gives."""
+    paths = write_samples(tmp_path / "images", include_bad=False, photos=PHOTOS[:1])
+    spec = parse_spec({"input": str(tmp_path / "images"), "output": str(tmp_path / "out")}, SMALL)
+    jax_spec = spec.model_copy(update={"inference": spec.inference.model_copy(update={"backend": "jax"})})
+    result = run(jax_spec, progress=False)
+    rows = read_rows(result)
+    assert len(rows) == len(paths) and all(row["status"] == "ok" for row in rows)
+    (manifest,) = [m for m in read_manifests(OutputLocation.open(result.output_url)) if m["run_id"] == result.run_id]
+    assert [actor["backend"] for actor in manifest["actors"]] == ["jax"]
+    for row in rows:
+        pixels, _, _ = decode(Path(row["image_id"]).read_bytes(), "crop", size=64)
+        expected = direct_model.predict(np.asarray(caffe_preprocess(pixels[None])), verbose=0)
+        assert relative_error(row["embedding"], expected["embedding"][0]) < 1e-3, row["image_id"]
+        assert row["class_id"] == int(np.argmax(expected["predictions"][0]))
+
+
 def test_bad_images_become_error_rows_with_reasons(sample_run):
     _, result = sample_run
     rows = {Path(row["image_id"]).name: row for row in read_rows(result)}
@@ -150,7 +168,8 @@ def test_output_contract_files_and_manifest(sample_run):
     for stage in ("list", "ray_init", "read", "decode", "predict", "model_startup", "pipeline"):
         assert manifest["stage_seconds"][stage]["seconds"] >= 0, stage
     assert manifest["stage_seconds"]["predict"]["items"] == good
-    assert manifest["actors"] and all("/device:CPU:0" in a["tensorflow_devices"][0] for a in manifest["actors"])
+    actors = manifest["actors"]
+    assert actors and all(a["backend"] == "tensorflow" and "/device:CPU:0" in a["devices"][0] for a in actors)
 
     statuses = duckdb.sql(
         f"SELECT status, count(*) AS n, count(embedding) AS with_embedding "

@@ -107,8 +107,8 @@ def test_threads_per_actor_sets_tensorflows_thread_pools():
     import sys
 
     script = (
-        "from pipeline.predict import configure_tensorflow; import tensorflow as tf; "
-        "configure_tensorflow('float32', 1); threading = tf.config.threading; "
+        "from pipeline.predict import configure_backend; import tensorflow as tf; "
+        "configure_backend('float32', 1); threading = tf.config.threading; "
         "print(threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
