@@ -240,10 +240,11 @@ def _execute(
         spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
     )
     context = DataContext.get_current()
-    # What waits in the object store is bounded by the model's pace and the file size, not by the run's size:
-    # memory stays flat from a thousand images to millions, and nothing spills to disk.
+    # What waits in the object store is bounded, not by the run's size: memory stays flat from a thousand images
+    # to millions, and nothing spills to disk. None (GPU actors) resets a budget an earlier run in this process set.
+    budget = _buffer_bytes(spec, target_rows, ray.cluster_resources().get("CPU", 1))
     limits = context.execution_options.resource_limits
-    context.execution_options.resource_limits = limits.copy(object_store_memory=_buffer_bytes(spec, target_rows))
+    context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
@@ -263,12 +264,25 @@ def _execute(
     return stage_seconds, actors
 
 
-def _buffer_bytes(spec: JobSpec, rows_per_file: int) -> int:
-    """Object store budget for the run: 16 batches of decoded pixels per model replica, plus two files' worth of
-    output rows being gathered for the writer, and at least 128 MiB."""
-    pixels = 16 * spec.inference.batch_size * spec.decode.image_size**2 * 3 * spec.inference.actors.max
+def _buffer_bytes(spec: JobSpec, rows_per_file: int, cluster_cpus: float) -> int | None:
+    """Object store budget for the run, or None for Ray Data's own (a fixed share of the object store).
+
+    With CPU actors the model is the slowest stage, so what waits for it is bounded: 16 batches of decoded pixels
+    per replica, the output of every decode task that can run at once, two files' worth of output rows being
+    gathered for the writer, and at least 128 MiB. Memory then stays flat from a thousand images to millions.
+    A GPU replica takes images several times faster than a node's CPUs decode them (``benchmarks/RESULTS.md``):
+    there a tight budget only makes decoding wait, and decoding ahead while the actors start pays, so Ray Data's
+    budget, which is bounded by the object store, is kept.
+    """
+    if spec.inference.gpus_per_actor > 0:
+        return None
+    image_bytes = spec.decode.image_size**2 * 3
+    waiting = 16 * spec.inference.batch_size * image_bytes * spec.inference.actors.max
+    model_cpus = spec.inference.actors.max * spec.inference.cpus_per_actor
+    decode_tasks = max(1, int((cluster_cpus - model_cpus) // spec.decode.cpus_per_task))
+    decoding = decode_tasks * spec.input.files_per_task * image_bytes
     rows = 2 * rows_per_file * row_bytes(spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k)
-    return max(128 * 2**20, pixels + rows)
+    return max(128 * 2**20, waiting + decoding + rows)
 
 
 def _check_complete(location: OutputLocation, run_id: str, plan: Plan, staged) -> list[dict[str, Any]]:

@@ -1,0 +1,33 @@
+"""The runner's object-store budget: bounded by what waits for the model on CPU, Ray Data's own on GPU."""
+
+from __future__ import annotations
+
+from pipeline.runner import _buffer_bytes
+from pipeline.sink import row_bytes
+from pipeline.spec import parse_spec
+
+PIXELS = 224 * 224 * 3
+
+
+def spec(*overrides: str):
+    return parse_spec({"input": "/in", "output": "/out"}, list(overrides))
+
+
+def test_cpu_budget_covers_waiting_batches_decode_tasks_and_two_files():
+    job = spec("inference.batch_size=32", "inference.actors.max=2", "input.files_per_task=100")
+    rows = 1000
+    budget = _buffer_bytes(job, rows, cluster_cpus=16)
+    waiting = 16 * 32 * PIXELS * 2
+    decoding = (16 - 2) * 100 * PIXELS  # every CPU the two actors leave runs a decode task
+    assert budget == waiting + decoding + 2 * rows * row_bytes(2048, job.output.embedding_dtype, job.model.top_k)
+
+
+def test_cpu_budget_grows_with_the_cluster_not_with_the_run():
+    small, large = (_buffer_bytes(spec(), 1000, cluster_cpus=cpus) for cpus in (16, 64))
+    assert large - small == (64 - 16) * 256 * PIXELS  # files_per_task is 256
+    assert _buffer_bytes(spec(), 10**6, cluster_cpus=1) == _buffer_bytes(spec(), 10**6, cluster_cpus=2)  # >= 1 task
+    assert _buffer_bytes(spec(), 1, cluster_cpus=2) == 128 * 2**20
+
+
+def test_gpu_actors_keep_ray_datas_own_budget():
+    assert _buffer_bytes(spec("inference.gpus_per_actor=1"), 1000, cluster_cpus=16) is None
