@@ -117,7 +117,8 @@ def decode_all_cores(seconds: float = 4.0) -> dict:
 
 
 def _sample_jpegs(folder: Path, count: int) -> list[Path]:
-    sys.path.insert(0, str(HERE.parent))
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
     from throughput import make_images
 
     return make_images(folder, count)

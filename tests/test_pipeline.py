@@ -103,9 +103,10 @@ def test_the_model_stage_runs_on_jax(tmp_path, direct_model):
     """``inference.backend: jax`` (the Keras backend on JAX-only GPU images): the actors compile with jax.jit and
     give the rows the TensorFlow model gives."""
     paths = write_samples(tmp_path / "images", include_bad=False, photos=PHOTOS[:1])
-    spec = parse_spec({"input": str(tmp_path / "images"), "output": str(tmp_path / "out")}, SMALL)
-    jax_spec = spec.model_copy(update={"inference": spec.inference.model_copy(update={"backend": "jax"})})
-    result = run(jax_spec, progress=False)
+    spec = parse_spec(
+        {"input": str(tmp_path / "images"), "output": str(tmp_path / "out")}, [*SMALL, "inference.backend=jax"]
+    )
+    result = run(spec, progress=False)
     rows = read_rows(result)
     assert len(rows) == len(paths) and all(row["status"] == "ok" for row in rows)
     (manifest,) = [m for m in read_manifests(OutputLocation.open(result.output_url)) if m["run_id"] == result.run_id]

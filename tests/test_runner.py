@@ -22,7 +22,7 @@ def test_cpu_budget_covers_waiting_batches_decode_tasks_and_two_files():
     assert budget == waiting + decoding + 2 * rows * row_bytes(2048, job.output.embedding_dtype, job.model.top_k)
 
 
-def test_cpu_budget_grows_with_the_cluster_not_with_the_run():
+def test_cpu_budget_grows_with_the_clusters_cpus():
     small, large = (_buffer_bytes(spec(), 1000, cluster_cpus=cpus) for cpus in (16, 64))
     assert large - small == (64 - 16) * 256 * PIXELS  # files_per_task is 256
     assert _buffer_bytes(spec(), 10**6, cluster_cpus=1) == _buffer_bytes(spec(), 10**6, cluster_cpus=2)  # >= 1 task
