@@ -51,7 +51,8 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
 def upright_rgb(image: Image.Image) -> Image.Image:
     """Decode the pixels, apply the EXIF orientation, convert any mode to RGB."""
     try:
-        return _to_rgb(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)  # in place: an upright image is not copied pixel by pixel
+        return _to_rgb(image)
     except Exception as error:
         raise DecodeError(f"corrupt image data: {error}") from error
 
