@@ -1,9 +1,11 @@
 """The inference stage: a callable class for Ray Data's actor pool, one model per actor.
 
-The model is built and its weights read once, in the constructor, which also traces the forward function so the
-first batch does not pay for it (and the trace overlaps with decoding elsewhere). The forward function has a fixed
-input signature, uint8 ``[batch_size, size, size, 3]``: the 'caffe' preprocessing runs inside it, the last partial
-batch is padded rather than traced again, and one pass gives the top-k classes and the pooled embedding.
+The model is built and its weights read once, in the constructor, which also traces the forward function (and
+compiles it, with XLA) so the first batch does not pay for it. The forward function has a fixed input signature,
+uint8 ``[batch_size, size, size, 3]``: the 'caffe' preprocessing runs inside it, the last partial batch is padded
+rather than traced again, and one pass gives the top-k classes and the pooled embedding. One actor may run several
+batches at once on its one model, each in a thread of its own (``inference.batches_per_actor``): the forward pass
+releases the GIL.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pipeline.sink import TOP_K_TYPE, output_schema
 from pipeline.spec import InferenceSpec, ModelSpec
 
 
-def configure_backend(precision: str, threads: int = 0) -> None:
+def configure_backend(precision: str, threads: int = 0, concurrent_calls: int = 1) -> None:
     """Before the first op: set the Keras precision policy and let GPU memory grow on demand. On TensorFlow,
-    ``threads`` sets the number of compute threads (0 leaves TensorFlow's default: one per core)."""
+    ``threads`` sets the number of compute threads per op (0 leaves TensorFlow's default: one per core), and the
+    pool that runs ops side by side is made large enough for ``concurrent_calls`` forward passes at once."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX: no 75% grab, actors may share a GPU
     import keras
@@ -31,7 +34,7 @@ def configure_backend(precision: str, threads: int = 0) -> None:
 
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(threads, concurrent_calls))
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
     keras.mixed_precision.set_global_policy(precision)
@@ -106,7 +109,10 @@ class CompiledModel:
             raise ValueError(f"the model stage runs on the 'tensorflow' or 'jax' Keras backend, not {backend!r}")
 
         self.forward = forward
-        self.forward(np.zeros([batch_size, image_size, image_size, 3], np.uint8))  # compile now, not on batch 1
+        if backend == "tensorflow" and not jit_compile:
+            forward.get_concrete_function()  # trace now; a warm-up batch would cost a batch of compute on a CPU
+        else:
+            self.forward(np.zeros([batch_size, image_size, image_size, 3], np.uint8))  # XLA compiles on first call
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Class ids, scores (``[n, k]``) and embeddings (``[n, D]``) for any number of images."""
@@ -135,7 +141,7 @@ class Predictor:
         timer=None,
     ):
         started = time.perf_counter()
-        configure_backend(inference.precision, inference.threads_per_actor)
+        configure_backend(inference.precision, inference.threads_per_actor, max(1, inference.batches_per_actor))
         from pipeline.model import Labels, create_model, imagenet_labels
 
         labels = Labels.from_file(model_spec.labels, model_spec.storage_options) if model_spec.labels else None
@@ -176,6 +182,7 @@ class Predictor:
                     "backend": keras.backend.backend(),
                     "devices": backend_devices(),
                     "startup_seconds": round(self.startup_seconds, 3),
+                    "batches_at_once": max(1, inference.batches_per_actor),
                 }
             )
 

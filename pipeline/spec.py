@@ -92,6 +92,12 @@ class InferenceSpec(_Section):
     threads_per_actor: int = Field(
         0, ge=0, description="TensorFlow's compute threads per actor; 0: one per core of the node."
     )
+    batches_per_actor: int = Field(
+        0,
+        ge=0,
+        description="Batches an actor runs at once on its one model, each in a thread of its own. 0: one per compute "
+        "thread on CPU (up to 4), one on GPU.",
+    )
     actor_memory_gb: float = Field(2.0, gt=0, description="Memory reserved per actor (ResNet-50 needs ~1.5 GB).")
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = Field(False, description="Compile the forward pass with XLA (always so on JAX).")

@@ -171,6 +171,7 @@ def test_output_contract_files_and_manifest(sample_run):
     assert manifest["stage_seconds"]["predict"]["items"] == good
     actors = manifest["actors"]
     assert actors and all(a["backend"] == "tensorflow" and "/device:CPU:0" in a["devices"][0] for a in actors)
+    assert all(a["batches_at_once"] == 2 for a in actors)  # one per core of the 2-CPU local cluster
 
     statuses = duckdb.sql(
         f"SELECT status, count(*) AS n, count(embedding) AS with_embedding "

@@ -101,15 +101,32 @@ def test_the_gpu_path_mixed_float16_with_xla_stays_close_to_float32():
     assert reduced.column("embedding").type == reference.column("embedding").type  # stored as asked: float32
 
 
-def test_threads_per_actor_sets_tensorflows_thread_pools():
+def test_threads_and_batches_per_actor_set_tensorflows_thread_pools():
     """Set before TensorFlow starts, so it runs in a fresh process, as an actor does."""
     import subprocess
     import sys
 
     script = (
         "from pipeline.predict import configure_backend; import tensorflow as tf; "
-        "configure_backend('float32', 1); threading = tf.config.threading; "
+        "configure_backend('float32', 1, 3); threading = tf.config.threading; "
         "print(threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.stdout.split()[-2:] == ["1", "1"], done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", "3"], done.stderr[-2000:]  # room for 3 batches' ops side by side
+
+
+def test_batches_run_side_by_side_give_the_results_of_one_at_a_time():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = predictor()
+    batches = [batch(n_ok, n_error) for n_ok, n_error in [(4, 0), (3, 1), (9, 2), (2, 0), (5, 0), (1, 3)]]
+    alone = [model(b) for b in batches]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(model, batches))
+    for a, b in zip(alone, together, strict=True):
+        assert b.column("image_id").equals(a.column("image_id"))
+        assert b.column("top_k").equals(a.column("top_k"))
+        assert b.column("embedding").is_null().equals(a.column("embedding").is_null())  # error rows: null
+        ok = [e for e in a.column("embedding").to_pylist() if e is not None]
+        np.testing.assert_allclose([e for e in b.column("embedding").to_pylist() if e is not None], ok, rtol=1e-5)
+    assert model.compiled.forward.experimental_get_tracing_count() == 1

@@ -1,8 +1,9 @@
-"""The runner's object-store budget: bounded by what waits for the model on CPU, Ray Data's own on GPU."""
+"""The runner's choices: the object-store budget (bounded by what waits for the model on CPU, Ray Data's own on
+GPU) and how many batches an actor runs at once."""
 
 from __future__ import annotations
 
-from pipeline.runner import _buffer_bytes
+from pipeline.runner import MAX_AUTO_BATCHES_PER_ACTOR, _batches_per_actor, _buffer_bytes
 from pipeline.sink import row_bytes
 from pipeline.spec import parse_spec
 
@@ -31,3 +32,17 @@ def test_cpu_budget_grows_with_the_clusters_cpus():
 
 def test_gpu_actors_keep_ray_datas_own_budget():
     assert _buffer_bytes(spec("inference.gpus_per_actor=1"), 1000, cluster_cpus=16) is None
+
+
+def test_the_budget_holds_waiting_batches_for_each_batch_an_actor_runs_at_once():
+    one, three = (_buffer_bytes(spec(f"inference.batches_per_actor={n}"), 1, cluster_cpus=16) for n in (1, 3))
+    assert three - one == 2 * 16 * 32 * PIXELS
+
+
+def test_a_cpu_actor_runs_one_batch_per_compute_thread_a_gpu_actor_one():
+    assert _batches_per_actor(spec(), node_cpus=2) == 2  # TensorFlow's threads: one per core
+    assert _batches_per_actor(spec(), node_cpus=64) == MAX_AUTO_BATCHES_PER_ACTOR
+    assert _batches_per_actor(spec("inference.threads_per_actor=1"), node_cpus=16) == 1  # one actor per core
+    assert _batches_per_actor(spec("inference.threads_per_actor=3"), node_cpus=16) == 3
+    assert _batches_per_actor(spec("inference.gpus_per_actor=1"), node_cpus=16) == 1
+    assert _batches_per_actor(spec("inference.batches_per_actor=6"), node_cpus=2) == 6  # asked for: kept
