@@ -281,8 +281,8 @@ def _node_cpus() -> int:
 def _batches_per_actor(spec: JobSpec, node_cpus: int) -> int:
     """``inference.batches_per_actor``, or when 0 what suits the actor: a GPU runs one batch at a time. On a CPU
     one forward pass leaves cores idle at every op's end (its threads wait for the slowest) and between ops;
-    one batch per compute thread, run side by side on the same model, fills them: 0.96 of the model's rate in the
-    pipeline against 0.90 for one batch at a time on 2 cores (``benchmarks/RESULTS.md``), with one model's
+    one batch per compute thread, run side by side on the same model, fills them. On 2 cores that is 1,200 images
+    in 185-195 s against 202 s for one batch at a time (``benchmarks/RESULTS.md``, fifth round), with one model's
     start-up and memory, where one actor per core pays both per core.
     """
     chosen = spec.inference.batches_per_actor
