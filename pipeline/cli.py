@@ -83,12 +83,18 @@ def _summary(result) -> None:
         console.print(f"  output      {result.output_url} (no run committed)", soft_wrap=True, highlight=False)
         return
     stages = ", ".join(f"{name} {value['seconds']:.1f}s" for name, value in result.stage_seconds.items())
+    predict = result.stage_seconds.get("predict", {})
+    once_running = (
+        f"; {predict['items'] / predict['span_seconds']:.1f} images/s once predicting"
+        if predict.get("span_seconds")
+        else ""
+    )
     adopted = f" (progress of crashed run {', '.join(plan['adopted_from'])})" if plan.get("adopted_from") else ""
     lines = [
         f"[bold]run {result.run_id}[/bold] ({plan.get('mode')})",
         f"  shards      {plan.get('listed')} listed: {shards}{adopted}",
         f"  images      {result.rows} ({result.ok} ok, {result.error} failed)",
-        f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s",
+        f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s{once_running}",
         f"  stages      {stages}",
         f"  output      {result.output_url}",
         f"  manifest    {result.manifest_url}",

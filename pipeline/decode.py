@@ -142,6 +142,7 @@ def decode_shards(
 
     rows: list[tuple] = []
     read_seconds = decode_seconds = 0.0
+    began = time.time()
 
     def flush():
         nonlocal rows
@@ -195,4 +196,4 @@ def decode_shards(
         yield flush()
     if timer is not None:
         timer.add.remote("read", read_seconds, 0)
-        timer.add.remote("decode", decode_seconds, 0)
+        timer.add.remote("decode", decode_seconds, 0, (began, time.time()))

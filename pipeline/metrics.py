@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import ray
@@ -9,16 +10,30 @@ import ray
 
 @ray.remote(num_cpus=0)
 class StageTimer:
-    """Workers add (stage, seconds, items) without waiting; the driver reads the totals at the end."""
+    """Workers add (stage, seconds, items) without waiting; the driver reads the totals at the end.
 
-    def __init__(self) -> None:
+    A worker that also says when its piece of work began and ended (``time.time()``) widens the stage's span: from
+    the first start to the last end, in the totals as ``started_s`` (counted from ``since``, the driver's clock when
+    it made the timer, just before the Ray plan starts) and ``span_seconds``. For the model that span is the time
+    the pipeline was predicting, start-up excluded, and items / span its rate once running, however many batches
+    ran side by side.
+    """
+
+    def __init__(self, since: float | None = None) -> None:
+        self.since = time.time() if since is None else since
         self.seconds: dict[str, float] = defaultdict(float)
         self.items: dict[str, int] = defaultdict(int)
+        self.first_start: dict[str, float] = {}
+        self.last_end: dict[str, float] = {}
         self.actors: list[dict] = []
 
-    def add(self, stage: str, seconds: float, items: int) -> None:
+    def add(self, stage: str, seconds: float, items: int, span: tuple[float, float] | None = None) -> None:
         self.seconds[stage] += seconds
         self.items[stage] += items
+        if span is not None:
+            began, ended = span
+            self.first_start[stage] = min(began, self.first_start.get(stage, began))
+            self.last_end[stage] = max(ended, self.last_end.get(stage, ended))
 
     def actor_started(self, description: dict) -> None:
         self.actors.append(description)
@@ -27,4 +42,10 @@ class StageTimer:
         return self.actors
 
     def totals(self) -> dict[str, dict[str, float]]:
-        return {stage: {"seconds": round(self.seconds[stage], 3), "items": self.items[stage]} for stage in self.seconds}
+        totals = {}
+        for stage in self.seconds:
+            totals[stage] = {"seconds": round(self.seconds[stage], 3), "items": self.items[stage]}
+            if stage in self.first_start:
+                totals[stage]["started_s"] = round(self.first_start[stage] - self.since, 3)
+                totals[stage]["span_seconds"] = round(self.last_end[stage] - self.first_start[stage], 3)
+        return totals

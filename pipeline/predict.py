@@ -189,6 +189,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"
         n = len(ok)
+        began = time.time()
         started = time.perf_counter()
         if ok.any():
             pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the common case
@@ -200,7 +201,7 @@ class Predictor:
             ok_embeddings = np.zeros((0, dim), np.float32)
         elapsed = time.perf_counter() - started
         if self.timer is not None:
-            self.timer.add.remote("predict", elapsed, int(ok.sum()))
+            self.timer.add.remote("predict", elapsed, int(ok.sum()), (began, began + elapsed))
         return self._table(batch, ok, ok_ids, ok_scores, ok_embeddings, n)
 
     def _table(self, batch, ok, ok_ids, ok_scores, ok_embeddings, n) -> pa.Table:

@@ -255,7 +255,7 @@ def _execute(
     context.enable_progress_bars = progress
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
-    timer = StageTimer.remote()
+    timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
     try:
         _plan(spec, plan.entries, location, run_id, timer).write_parquet(
             location.staging(run_id),

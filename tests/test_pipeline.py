@@ -168,10 +168,16 @@ def test_output_contract_files_and_manifest(sample_run):
     assert manifest["model"]["key"] and manifest["model"]["key_parts"]["image_size"] == 64
     for stage in ("list", "ray_init", "read", "decode", "predict", "model_startup", "pipeline"):
         assert manifest["stage_seconds"][stage]["seconds"] >= 0, stage
-    assert manifest["stage_seconds"]["predict"]["items"] == good
+    stages = manifest["stage_seconds"]
+    assert stages["predict"]["items"] == good
+    for stage in ("decode", "predict"):  # spans within the time of the Ray plan
+        assert 0 <= stages[stage]["started_s"] <= stages[stage]["started_s"] + stages[stage]["span_seconds"]
+        assert stages[stage]["started_s"] + stages[stage]["span_seconds"] <= stages["pipeline"]["seconds"] + 1
     actors = manifest["actors"]
     assert actors and all(a["backend"] == "tensorflow" and "/device:CPU:0" in a["devices"][0] for a in actors)
     assert all(a["batches_at_once"] == 2 for a in actors)  # one per core of the 2-CPU local cluster
+    # Forward passes side by side: their summed time fits in the span only twice over.
+    assert stages["predict"]["seconds"] <= 2 * len(actors) * stages["predict"]["span_seconds"] + 0.01
 
     statuses = duckdb.sql(
         f"SELECT status, count(*) AS n, count(embedding) AS with_embedding "

@@ -3,6 +3,8 @@ GPU) and how many batches an actor runs at once."""
 
 from __future__ import annotations
 
+import time
+
 from pipeline.runner import MAX_AUTO_BATCHES_PER_ACTOR, _batches_per_actor, _buffer_bytes
 from pipeline.sink import row_bytes
 from pipeline.spec import parse_spec
@@ -46,3 +48,17 @@ def test_a_cpu_actor_runs_one_batch_per_compute_thread_a_gpu_actor_one():
     assert _batches_per_actor(spec("inference.threads_per_actor=3"), node_cpus=16) == 3
     assert _batches_per_actor(spec("inference.gpus_per_actor=1"), node_cpus=16) == 1
     assert _batches_per_actor(spec("inference.batches_per_actor=6"), node_cpus=2) == 6  # asked for: kept
+
+
+def test_stage_span_runs_from_the_first_start_to_the_last_end_whatever_order_reports_arrive_in():
+    from pipeline.metrics import StageTimer
+
+    t0 = time.time()
+    timer = StageTimer.__ray_actor_class__(since=t0)  # the class itself: the bookkeeping, without a cluster
+    timer.add("predict", 4.0, 32, (t0 + 12.0, t0 + 16.0))
+    timer.add("predict", 4.5, 32, (t0 + 10.0, t0 + 14.5))  # ran beside the first, reported after it
+    timer.add("predict", 2.0, 16, (t0 + 16.0, t0 + 18.0))
+    timer.add("read", 1.0, 0)  # no span: totals only
+    totals = timer.totals()
+    assert totals["predict"] == {"seconds": 10.5, "items": 80, "started_s": 10.0, "span_seconds": 8.0}
+    assert totals["read"] == {"seconds": 1.0, "items": 0}
