@@ -40,7 +40,10 @@ def test_run_end_to_end(tmp_path):
     assert table.num_rows == len(paths)
     assert {len(row) for row in table.column("top_k").to_pylist() if row} == {2}
     (manifest,) = (tmp_path / "out" / "_runs").glob("*.json")
-    assert json.loads(manifest.read_text())["spec"]["model"]["top_k"] == 2
+    record = json.loads(manifest.read_text())
+    assert record["spec"]["model"]["top_k"] == 2
+    predict = record["stage_seconds"]["predict"]
+    assert f"{predict['items'] / predict['span_seconds']:.1f} images/s once predicting" in result.stdout
 
 
 @pytest.mark.slow
