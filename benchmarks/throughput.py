@@ -14,8 +14,8 @@
 running, with start-up subtracted, which is what compares fairly with (a). (d) also reports its rate once
 predicting, from its manifest: images / the time from the first forward pass's start to the last one's end, in the
 same run, so it needs no second run to subtract start-up and is not moved by how long start-up took.
-ResNet-50, float32, random weights. The images are 640x480 JPEG crops of the two photographs that ship with
-scikit-learn, flipped and shifted.
+ResNet-50, float32, random weights. The images are 640x480 JPEG crops of the two sample photographs
+(``pipeline/photos``), flipped and shifted.
 """
 
 from __future__ import annotations

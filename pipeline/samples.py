@@ -1,23 +1,24 @@
-"""Sample images for the demo and the tests: real photographs that ship with scikit-learn, in many formats and
-modes, plus files that are not valid images. Nothing is downloaded."""
+"""Sample images for the demo and the tests: two real photographs that ship in this package (``pipeline/photos``,
+CC BY 2.0, see its README.txt), in many formats and modes, plus files that are not valid images. Nothing is
+downloaded."""
 
 from __future__ import annotations
 
 import io
 import zlib
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("china.jpg", "flower.jpg")  # 640x427 photographs (CC-licensed) inside scikit-learn
+PHOTOS = ("china.jpg", "flower.jpg")  # 640x427 photographs
 
 
 def photo(name: str) -> Image.Image:
-    from sklearn.datasets import load_sample_image
-
-    return Image.fromarray(load_sample_image(name))
+    with Image.open(files("pipeline") / "photos" / name) as image:
+        return image.convert("RGB")
 
 
 def _save(image: Image.Image, fmt: str, **options) -> bytes:
