@@ -99,6 +99,8 @@ def test_a_download_that_cannot_work_fails_before_any_work(tmp_path, monkeypatch
     result = cli("demo", "--workdir", str(tmp_path / "demo"), "--download-weights")
     assert result.returncode == 2
     assert "model.weights: Could not fetch weights from http://127.0.0.1:9/keras/resnet50_weights" in result.stderr
+    assert "(md5 2cb95161c43110f7111970584f804107) into" in result.stderr  # and how to go on without a download
+    assert "weights=random" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "demo" / "output").exists()
 

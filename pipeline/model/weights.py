@@ -100,6 +100,10 @@ def _download(url: str, target: Path, storage_options: dict | None = None) -> No
         raise WeightsError(f"Could not fetch weights from {redact_url(url)}: {error}") from error
 
 
+def _choices(ways: list[str]) -> str:
+    return "\n".join(f"  - {'or ' if index else ''}{way}" for index, way in enumerate(ways))
+
+
 def imagenet_file(architecture: str, include_top: bool, *, allow_download: bool = False) -> Path:
     """Keras's ImageNet weight file for ``architecture``, from the cache or (only if allowed) downloaded."""
     if architecture not in IMAGENET_FILES:
@@ -117,16 +121,21 @@ def imagenet_file(architecture: str, include_top: bool, *, allow_download: bool 
 
     base_url = os.environ.get("RESNET_PIPELINE_WEIGHTS_URL", KERAS_WEIGHTS_URL)
     url = base_url.rstrip("/") + "/" + file_name
+    other_ways = [
+        f"stage the file yourself: download {url} (md5 {md5}) into {target.parent}/",
+        f"point the model at a copy: weights=/path/or/s3://bucket/{file_name}",
+        "run with random weights (labels will be meaningless): weights=random",
+    ]
     if not allow_download:
+        fetch = f"fetch them once:  resnet-pipeline weights fetch {architecture.removeprefix('resnet')}"
         raise WeightsError(
             f"The ImageNet weights for {architecture} ({file_name}) are not cached on this machine.\n"
-            f"  - fetch them once:  resnet-pipeline weights fetch {architecture.removeprefix('resnet')}"
-            f"{'' if include_top else ' --no-top'}\n"
-            f"  - or stage the file yourself: download {url} (md5 {md5}) into {target.parent}/\n"
-            "  - or point the model at a copy: weights=/path/or/s3://bucket/" + file_name + "\n"
-            "  - or run with random weights (labels will be meaningless): weights=random"
+            + _choices([fetch + ("" if include_top else " --no-top"), *other_ways])
         )
-    _download(url, target)
+    try:
+        _download(url, target)
+    except WeightsError as error:  # no network, say: the same ways on as without a download
+        raise WeightsError(f"{error}\n{_choices(other_ways)}") from error
     if (actual := _md5(target)) != md5:
         target.unlink()
         raise WeightsError(f"Downloaded {url} but its md5 is {actual}, not {md5}; nothing was kept.")
