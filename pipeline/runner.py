@@ -134,6 +134,9 @@ def _init_ray(address: str | None) -> None:
         # Otherwise a worker that wrote a Parquet file keeps about five times the file's size until it exits.
         # Cluster images set it in their Dockerfiles.
         os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+        # Ray's log monitor lists the log folder every 0.1 s while it holds under this many files, and every 0.5 s
+        # beyond: 1.1 % of a core against 0.5 %, taken from the model on a 2-core machine (RESULTS.md, eighth round).
+        os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     ray.init(
         address=address,
         logging_level=logging.WARNING,

@@ -355,3 +355,20 @@ def test_workers_of_a_local_cluster_give_written_memory_back(tmp_path):
     setting, kept_mib = done.stdout.split("RESULT")[1].split()
     assert setting == "0"
     assert int(kept_mib) < 60, f"the worker kept {kept_mib} MiB after writing a 32 MB file"
+
+
+def test_the_log_monitor_of_a_local_cluster_lists_its_folder_less_often():
+    """Ray's log monitor lists the log folder ten times a second unless told otherwise, which on a 2-core machine
+    takes CPU from the model; the local cluster the runner starts tells it."""
+    script = textwrap.dedent(
+        """
+        import psutil
+        from pipeline.runner import _init_ray
+        _init_ray(None)
+        (monitor,) = [p for p in psutil.Process().children(recursive=True) if "log_monitor" in " ".join(p.cmdline())]
+        print("RESULT", monitor.environ().get("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("RESULT")[1].split() == ["0"]
