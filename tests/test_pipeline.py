@@ -326,6 +326,14 @@ def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
     assert len(manifest["actors"]) == 2  # the killed one and its replacement
 
 
+def _on_a_local_cluster(script: str) -> list[str]:
+    """Run ``script`` in a fresh process (it starts the runner's local cluster) and return what it printed after
+    RESULT: a setting of the local cluster must be seen by the processes Ray starts, not by this test's own."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("RESULT")[1].split()
+
+
 def test_workers_of_a_local_cluster_give_written_memory_back(tmp_path):
     """A worker that wrote a Parquet file keeps no more than a fraction of it (Arrow's allocator would otherwise
     hold about five times the file's size until the worker exits, which showed as memory growing with the run)."""
@@ -350,9 +358,7 @@ def test_workers_of_a_local_cluster_give_written_memory_back(tmp_path):
         print("RESULT", *ray.get(write_a_file.remote()))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    setting, kept_mib = done.stdout.split("RESULT")[1].split()
+    setting, kept_mib = _on_a_local_cluster(script)
     assert setting == "0"
     assert int(kept_mib) < 60, f"the worker kept {kept_mib} MiB after writing a 32 MB file"
 
@@ -369,6 +375,4 @@ def test_the_log_monitor_of_a_local_cluster_lists_its_folder_less_often():
         print("RESULT", monitor.environ().get("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("RESULT")[1].split() == ["0"]
+    assert _on_a_local_cluster(script) == ["0"]

@@ -128,9 +128,10 @@ def imagenet_file(architecture: str, include_top: bool, *, allow_download: bool 
     ]
     if not allow_download:
         fetch = f"fetch them once:  resnet-pipeline weights fetch {architecture.removeprefix('resnet')}"
+        fetch += "" if include_top else " --no-top"
         raise WeightsError(
             f"The ImageNet weights for {architecture} ({file_name}) are not cached on this machine.\n"
-            + _choices([fetch + ("" if include_top else " --no-top"), *other_ways])
+            + _choices([fetch, *other_ways])
         )
     try:
         _download(url, target)
