@@ -25,7 +25,8 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong type is refused, never coerced (batch_size: true is not 1, "32" is not 32)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class InputSpec(_Section):

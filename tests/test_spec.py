@@ -61,6 +61,31 @@ def test_bad_values_name_the_field(overrides, message):
         parse_spec(MINIMAL, overrides)
 
 
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"inference": {"batch_size": True}}, r"inference\.batch_size: .*integer.*\(got True\)"),
+        ({"inference": {"actors": {"max": True}}}, r"inference\.actors\.max: .*integer"),
+        ({"inference": {"gpus_per_actor": True}}, r"inference\.gpus_per_actor: .*number.*\(got True\)"),
+        ({"inference": {"batch_size": "32"}}, r"inference\.batch_size: .*integer.*\(got '32'\)"),
+        ({"inference": {"batch_size": 2.5}}, r"inference\.batch_size: .*integer"),
+        ({"model": {"allow_download": "yes please"}}, r"model\.allow_download: .*boolean"),
+        ({"model": {"allow_download": 1}}, r"model\.allow_download: .*boolean"),
+        ({"incremental": "true"}, r"incremental: .*boolean"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_not_coerced(document, message):
+    """A boolean is not 1, a string is not a number: what a typo in a spec would otherwise turn into a silent run."""
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**MINIMAL, **document})
+
+
+def test_numbers_still_widen_where_the_field_is_a_float():
+    spec = parse_spec(MINIMAL, ["inference.actor_memory_gb=4", "max_error_fraction=1", "inference.gpus_per_actor=1"])
+    assert spec.inference.actor_memory_gb == 4.0 and spec.max_error_fraction == 1.0
+    assert spec.inference.gpus_per_actor == 1.0
+
+
 def test_missing_sections():
     with pytest.raises(SpecError, match=r"output: Field required"):
         parse_spec({"input": "/data"})
