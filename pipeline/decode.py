@@ -6,8 +6,10 @@ straight to 224x224 and keeps the whole picture.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import operator
 import time
 from typing import Literal
 
@@ -18,6 +20,7 @@ Preprocessing = Literal["crop", "squash"]
 IMAGE_SIZE = 224
 CROP_RESIZE = 256
 EXIF_ORIENTATION = 0x0112
+BAND_PIXELS = 1 << 18  # converted at a time: a few MB of temporaries, whatever the image's size
 
 
 class DecodeError(ValueError):
@@ -72,17 +75,39 @@ def _draft(image: Image.Image, preprocessing: Preprocessing, size: int) -> None:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB, a band of rows at a time: beside Pillow's decoded image, memory holds one RGB copy.
+
+    Converting whole images cost up to 9x the 8-bit RGB size (16/32-bit values as float64, alpha composited in
+    several full-size RGBA copies; issue 18).
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits, don't clip
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
+        peak = 65535.0 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255.0
+        convert = functools.partial(_scaled_to_8_bits, peak=peak)
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        convert = _on_white
+    else:
+        convert = operator.methodcaller("convert", "RGB")
+    width, height = image.size
+    rows = max(1, BAND_PIXELS // width)
+    rgb = Image.new("RGB", image.size)
+    for top in range(0, height, rows):
+        rgb.paste(convert(image.crop((0, top, width, min(top + rows, height)))), (0, top))
+    return rgb
+
+
+def _scaled_to_8_bits(band: Image.Image, peak: float) -> Image.Image:
+    values = np.array(band, dtype=np.float64)  # in place from here: one float64 band of temporaries
+    values /= peak
+    values *= 255.0
+    values += 0.5
+    return Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8)).convert("RGB")
+
+
+def _on_white(band: Image.Image) -> Image.Image:
+    band = band.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", band.size, (255, 255, 255, 255)), band).convert("RGB")
 
 
 def fit(image: Image.Image, preprocessing: Preprocessing = "crop", size: int = IMAGE_SIZE) -> np.ndarray:

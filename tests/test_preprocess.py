@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -124,3 +127,57 @@ def test_every_variant_decodes_to_the_picture_it_shows(variant, reference, toler
     pixels, width, height = decode(VARIANTS[variant](original), "squash")
     assert (width, height) == original.size
     assert np.abs(pixels.astype(float) - expected).mean() <= tolerance, variant
+
+
+PEAK_MEMORY = """
+import re, sys
+from pathlib import Path
+from PIL import Image
+from pipeline.decode import decode
+
+def peak():
+    return int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+Image.init()
+data = Path(sys.argv[1]).read_bytes()
+before = peak()
+decode(data, "crop")
+print(peak() - before)
+"""
+
+
+def large_image(mode: str, side: int) -> bytes:
+    """A ``side`` x ``side`` image in ``mode``, mostly flat: a small file that decodes to many pixels."""
+    colours = {
+        "I;16": (20000, 50000),
+        "I": (20000, 50000),
+        "F": (20.5, 200.5),
+        "RGBA": ((20, 120, 220, 255), (240, 200, 0, 100)),
+        "P": (0, 1),
+    }
+    background, foreground = colours[mode]
+    image = Image.new(mode, (side, side), background)
+    image.paste(foreground, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+    if mode == "P":
+        image.putpalette([255, 255, 255, 200, 30, 30])
+        return encode(image, "PNG", transparency=0)
+    return encode(image, "TIFF", compression="tiff_deflate") if mode in ("I", "F") else encode(image, "PNG")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from Linux's /proc")
+@pytest.mark.parametrize(("mode", "decoded_bytes_per_pixel"), [("I;16", 2), ("I", 4), ("F", 4), ("RGBA", 4), ("P", 1)])
+def test_decoding_memory_is_bounded_by_the_decoded_image(tmp_path, mode, decoded_bytes_per_pixel):
+    # Issue 18: a 16-bit PNG of 172 KB took 2.3 GB (float64 of the whole image); alpha took several RGBA copies.
+    side = 4000
+    path = tmp_path / "image"
+    path.write_bytes(large_image(mode, side))
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    # A fresh process each (peak memory is a high-water mark; VmHWM, unlike ru_maxrss, is not the parent's).
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    extra = int(result.stdout)
+    # What cannot be avoided: Pillow's decoded pixels and one 8-bit RGB copy (Pillow keeps RGB at 4 bytes a pixel),
+    # at most 2.67x width x height x 3; plus 32 MiB for the band of rows being converted (~5 MiB) and allocator noise.
+    bound = (decoded_bytes_per_pixel + 4) * side * side + 32 * 2**20
+    assert extra <= bound, f"{mode}: {extra / 2**20:.0f} MiB over {bound / 2**20:.0f} MiB"
