@@ -138,7 +138,9 @@ def _init_ray(address: str | None) -> None:
         # beyond: 1.1 % of a core against 0.5 %, taken from the model on a 2-core machine (RESULTS.md, eighth round).
         os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     ray.init(
-        address=address,
+        # "local": a private cluster of our own. None would join any cluster `ray start` left on this machine (found
+        # through the temp folder or RAY_TMPDIR): someone else's, maybe with a token we do not have.
+        address=address or "local",
         logging_level=logging.WARNING,
         log_to_driver=True,
         include_dashboard=False if address is None else None,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from pipeline.runs import OutputLocation, new_run_id, read_manifests
 from pipeline.samples import BAD_FILES, PHOTOS, VARIANTS, photo, write_samples
 from pipeline.sink import output_schema
 from pipeline.spec import parse_spec
+from tests.clusters import clean_environment, ray_head
 from tests.layouts import LAYOUTS, write_layout
 
 pytestmark = pytest.mark.slow
@@ -40,7 +43,7 @@ SMALL = [  # ResNet-18 on 64x64 crops: the pipeline's behaviour, at a fraction o
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -326,10 +329,10 @@ def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
     assert len(manifest["actors"]) == 2  # the killed one and its replacement
 
 
-def _on_a_local_cluster(script: str) -> list[str]:
+def _on_a_local_cluster(script: str, env: dict[str, str] | None = None) -> list[str]:
     """Run ``script`` in a fresh process (it starts the runner's local cluster) and return what it printed after
     RESULT: a setting of the local cluster must be seen by the processes Ray starts, not by this test's own."""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split("RESULT")[1].split()
 
@@ -376,3 +379,24 @@ def test_the_log_monitor_of_a_local_cluster_lists_its_folder_less_often():
         """
     )
     assert _on_a_local_cluster(script) == ["0"]
+
+
+def test_a_run_without_an_address_starts_its_own_cluster_even_beside_a_running_one():
+    """`ray start` leaves the address of its cluster in its temp folder, where ray.init(address=None) looks (the
+    default folder, or the one RAY_TMPDIR names) and joins it: someone else's cluster, maybe with a token."""
+    system_temp = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    # `ray start` as a user runs it: its temp folder is <system temp>/ray, where ray.init looks for an address file.
+    options = ("--num-cpus=1", "--include-dashboard=false")
+    with ray_head(clean_environment(), *options, temp_dir=system_temp / "ray") as head:
+        env = clean_environment(RAY_TMPDIR=str(system_temp))
+        script = textwrap.dedent(
+            """
+            import ray
+            from pipeline.runner import _init_ray
+            _init_ray(None)
+            print("RESULT", ray.get_runtime_context().gcs_address)
+            """
+        )
+        (joined,) = _on_a_local_cluster(script, env)
+    shutil.rmtree(system_temp, ignore_errors=True)
+    assert joined.rsplit(":", 1)[1] != str(head.ports["port"]), "the run joined the cluster `ray start` left running"

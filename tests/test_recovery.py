@@ -132,7 +132,7 @@ def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
