@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -33,8 +34,9 @@ from pipeline.runs import (
     staged_files,
 )
 from pipeline.sink import arrow_filesystem, row_bytes, rows_per_file
-from pipeline.sources import InputError, Shard, list_shards
+from pipeline.sources import InputError, Shard, check_columns, list_shards
 from pipeline.spec import JobSpec
+from pipeline.storage import is_within
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ MAX_AUTO_BATCHES_PER_ACTOR = 4
 # Rows per block that decode tasks emit, at least: a block holds a whole model batch when batches are larger, so the
 # actor gets it without copying blocks together (38 MB per batch of 256; +4 % through Ray Data, RESULTS.md).
 DECODED_ROWS_PER_BLOCK = 64
+
+
+GIB = 2**30
 
 
 class PreflightError(ValueError):
@@ -89,7 +94,13 @@ def _read_tasks(entries: list[dict[str, Any]], files_per_task: int) -> list[str]
 
 def preflight(spec: JobSpec) -> list[Shard]:
     """Checks that need no cluster: input listing, weights, labels, output. Returns the shards."""
+    if is_within(spec.output.url, spec.output.storage_options, spec.input.url, spec.input.storage_options):
+        raise PreflightError(
+            f"output.url: {spec.output.url} is inside the input {spec.input.url}: a later run would read the output's "
+            "files as images; choose an output outside the input"
+        )
     shards = list_shards(spec.input.url, spec.input.format, spec.input.storage_options)
+    check_columns(shards, _input_options(spec))
     from pipeline.model import LabelError, Labels, WeightsError
     from pipeline.model.weights import imagenet_file, local_copy
 
@@ -121,6 +132,15 @@ def preflight(spec: JobSpec) -> list[Shard]:
     except Exception as error:
         raise PreflightError(f"output.url: cannot write to {spec.output.url}: {error}") from None
     return shards
+
+
+def _input_options(spec: JobSpec) -> dict[str, Any]:
+    """What a shard reader needs of the spec (plain data: it travels to Ray workers)."""
+    return {
+        "storage_options": spec.input.storage_options,
+        "image_column": spec.input.image_column,
+        "id_column": spec.input.id_column,
+    }
 
 
 def _init_ray(address: str | None) -> None:
@@ -241,6 +261,7 @@ def _execute(
         return {}, []
     started = time.perf_counter()
     _init_ray(address)
+    check_resources(spec, *_cluster_shapes())
     import ray
     from ray.data import DataContext
 
@@ -274,6 +295,87 @@ def _execute(
     stage_seconds["ray_init"] = {"seconds": round(ray_started - started, 3), "items": 0}
     stage_seconds["pipeline"] = {"seconds": round(time.perf_counter() - ray_started, 3), "items": 0}
     return stage_seconds, actors
+
+
+def _cluster_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """The resources of every alive node, and of every node type the cluster may still add: none for a local
+    cluster this process started, those its autoscaler's configuration lists, or None where they cannot be known
+    (Ray's first autoscaler, KubeRay's default, publishes no node types)."""
+    import ray
+
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    if getattr(ray._private.worker._global_node, "head", False):  # this process started the cluster's head
+        return nodes, []
+    try:  # what Ray Data's own autoscaling reads; written by Ray's second autoscaler only
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:
+        config = None
+    if not config:
+        return nodes, None
+    groups = [group for group in config.node_group_configs if group.max_count != 0]
+    # A node type that leaves its memory unsaid is not held to a memory request.
+    return nodes, [{"memory": math.inf, **dict(group.resources)} for group in groups]
+
+
+def check_resources(spec: JobSpec, nodes: list[dict[str, float]], addable: list[dict[str, float]] | None) -> None:
+    """Refuse, naming the field, a request that no node of the cluster can ever hold: Ray would wait for it
+    forever (or until the actor dies for want of memory) without saying why.
+
+    ``nodes``: the resources of the nodes now in the cluster; ``addable``: of the node types it may add (None: not
+    known, and then what does not fit now is only a warning: an autoscaler may add a node for it).
+    """
+    inference = spec.inference
+    actor = {"CPU": inference.cpus_per_actor, "GPU": inference.gpus_per_actor, "memory": inference.actor_memory_gb}
+    actor["memory"] *= GIB
+    fields = {"CPU": "cpus_per_actor", "GPU": "gpus_per_actor", "memory": "actor_memory_gb"}
+
+    def short(shape: dict[str, float], need: dict[str, float]) -> list[str]:
+        return [k for k, v in need.items() if v and shape.get(k, 0) < v]
+
+    def fits(need: dict[str, float]) -> bool:
+        return any(not short(shape, need) for shape in nodes + (addable or []))
+
+    largest = {k: max([node.get(k, 0) for node in nodes] + [0]) for k in actor}
+    problems = []
+    if not fits(actor):
+        # What no node has enough of; or, when each is found somewhere but never together, all of it.
+        missing = [k for k in actor if not fits({k: actor[k]})] or [k for k, v in actor.items() if v]
+        problems.append(
+            f"{', '.join('inference.' + fields[k] for k in missing)}: a model actor asks for {_resources(actor)}, "
+            f"more than any node of the cluster has (the largest: {_resources(largest)}; {len(nodes)} node(s))"
+        )
+    if not fits({"CPU": spec.decode.cpus_per_task}):
+        problems.append(
+            f"decode.cpus_per_task: a decode task asks for {spec.decode.cpus_per_task:g} CPUs, more than any node "
+            f"has (the largest: {largest['CPU']:g})"
+        )
+    if problems and addable is None:
+        log.warning("%s; waiting for the cluster to add a node that fits", "; ".join(problems))
+    elif problems:
+        raise PreflightError("\n".join(problems))
+    if addable != []:
+        return  # nodes can be added: the pool and the decode tasks will find room
+    room = sum(min(int(node.get(k, 0) // v) for k, v in actor.items() if v) for node in nodes)
+    if room < inference.actors.min:
+        raise PreflightError(
+            f"inference.actors.min: {inference.actors.min} model actors of {_resources(actor)} each do not fit in "
+            f"the cluster; it holds {room}"
+        )
+    cpus = sum(node.get("CPU", 0) for node in nodes)
+    cpus_left = cpus - inference.actors.min * inference.cpus_per_actor
+    if cpus_left < spec.decode.cpus_per_task:
+        raise PreflightError(
+            f"inference.cpus_per_actor: {inference.actors.min} model actor(s) of {inference.cpus_per_actor:g} CPUs "
+            f"leave {max(cpus_left, 0):g} of the cluster's {cpus:g} CPUs for decoding, which needs "
+            f"{spec.decode.cpus_per_task:g} (decode.cpus_per_task)"
+        )
+
+
+def _resources(shape: dict[str, float]) -> str:
+    parts = [f"{shape['CPU']:g} CPUs"] if shape.get("CPU") else []
+    parts += [f"{shape['GPU']:g} GPUs"] if shape.get("GPU") else []
+    parts += [f"{shape['memory'] / GIB:.1f} GiB of memory"] if shape.get("memory") else []
+    return ", ".join(parts) or "nothing"
 
 
 def _node_cpus() -> int:
@@ -346,11 +448,6 @@ def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation
     from pipeline.predict import Predictor
 
     tasks = _read_tasks(entries, spec.input.files_per_task)
-    input_options = {
-        "storage_options": spec.input.storage_options,
-        "image_column": spec.input.image_column,
-        "id_column": spec.input.id_column,
-    }
     return (
         ray.data.from_items([{"shards": task} for task in tasks], override_num_blocks=len(tasks))
         .map_batches(
@@ -358,7 +455,7 @@ def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation
             batch_size=1,
             num_cpus=spec.decode.cpus_per_task,
             fn_kwargs={
-                "input_options": input_options,
+                "input_options": _input_options(spec),
                 "preprocessing": spec.decode.preprocessing,
                 "image_size": spec.decode.image_size,
                 "max_pixels": spec.decode.max_pixels,
@@ -381,7 +478,7 @@ def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation
             num_cpus=spec.inference.cpus_per_actor,
             # Reserving the model's memory keeps Ray from packing more actors on a node than fit. It also keeps Ray
             # Data from fusing decoding into the actors (different remote args): decoding scales with CPUs.
-            memory=spec.inference.actor_memory_gb * 2**30,
+            memory=spec.inference.actor_memory_gb * GIB,
             runtime_env={"env_vars": {"KERAS_BACKEND": spec.inference.backend}},
             fn_constructor_kwargs={
                 "model_spec": spec.model,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.core import has_magic
 
 T = TypeVar("T")
 
@@ -70,6 +71,36 @@ def with_retries(operation: Callable[[], T], attempts: int = ATTEMPTS) -> T:
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def glob_root(path: str) -> str:
+    """The folder a glob searches (``data/2026-*/x.jpg`` -> ``data``); a path without wildcards unchanged."""
+    if not has_magic(path):
+        return path
+    return re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
+
+
+_SAME_PROTOCOL = {"s3a": "s3", "gcs": "gs", "local": "file"}
+
+
+def _place(url: str, storage_options: dict | None) -> tuple[str, str | None, str]:
+    """Where ``url`` is, without opening its store: its protocol, its endpoint (a store that is not the cloud's),
+    its path without the glob part. Local paths are absolute with symbolic links resolved."""
+    options = storage_options or {}
+    protocol = fsspec.utils.get_protocol(url)
+    path = glob_root(url.split("://", 1)[1] if "://" in url else url)
+    if _SAME_PROTOCOL.get(protocol, protocol) == "file":
+        path = os.path.realpath(path)
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    return _SAME_PROTOCOL.get(protocol, protocol), endpoint, path.rstrip("/")
+
+
+def is_within(inner: str, inner_options: dict | None, outer: str, outer_options: dict | None) -> bool:
+    """Whether ``inner`` is ``outer`` or lies under it, on the same store."""
+    inner_store, outer_store = _place(inner, inner_options), _place(outer, outer_options)
+    if inner_store[:2] != outer_store[:2]:
+        return False
+    return inner_store[2] == outer_store[2] or inner_store[2].startswith(outer_store[2] + "/")
 
 
 def version_of(info: dict[str, Any]) -> str | None:

@@ -118,4 +118,4 @@ def test_parquet_columns_can_be_named(images, tmp_path):
     assert [r.image_id for r in records] == [f"{path}#a", f"{path}#b"]
     assert records[0].data == images["photo.jpg"] and records[1].error == "no image bytes (null)"
     missing = list(read_shard(shard, {}))
-    assert len(missing) == 1 and "no image column found" in missing[0].error
+    assert len(missing) == 1 and "has no image column: set input.image_column" in missing[0].error

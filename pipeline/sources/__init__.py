@@ -6,7 +6,6 @@ file. Listing goes through fsspec, so any store it knows works; work is split pe
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ import fsspec
 from fsspec.core import has_magic
 
 from pipeline.sources import images, parquet, tfrecord, webdataset
-from pipeline.storage import ATTEMPTS, backoff, is_transient, version_of, with_retries
+from pipeline.storage import ATTEMPTS, backoff, glob_root, is_transient, version_of, with_retries
 
 READERS = {"images": images, "webdataset": webdataset, "tfrecord": tfrecord, "parquet": parquet}
 
@@ -67,7 +66,7 @@ def list_shards(url: str, format: str = "auto", storage_options: dict | None = N
         fs.invalidate_cache()  # a long-lived process lists a growing bucket: never answer from a stale listing
         if has_magic(root):
             infos = fs.glob(root, detail=True)
-            return fs, re.split(r"[*?\[]", root, maxsplit=1)[0].rsplit("/", 1)[0], infos
+            return fs, glob_root(root), infos
         if fs.isdir(root):
             return fs, root, fs.find(root, detail=True)
         if fs.exists(root):
@@ -97,6 +96,21 @@ def list_shards(url: str, format: str = "auto", storage_options: dict | None = N
     if len(formats) > 1:
         raise InputError(f"input.url: {url} mixes layouts ({', '.join(sorted(formats))}); set input.format")
     return shards
+
+
+def check_columns(shards: list[Shard], options: dict[str, Any]) -> None:
+    """For layouts with named columns (Parquet): the first shard has the columns the spec names, or an image column
+    is found. Files written by one tool share a schema; a file that differs later becomes an error row."""
+    reader = READERS[shards[0].format]
+    if not hasattr(reader, "check"):
+        return
+    fs, path = fsspec.core.url_to_fs(shards[0].url, **options.get("storage_options", {}))
+    try:
+        with_retries(lambda: reader.check(fs, path, shards[0].url, options))
+    except parquet.ColumnError as error:
+        raise InputError(f"{error.field}: {error}") from None
+    except Exception as error:
+        raise InputError(f"input.url: cannot read {shards[0].url}: {type(error).__name__}: {error}") from error
 
 
 def _unstrip(fs, protocol: str, path: str) -> str:

@@ -18,12 +18,43 @@ IMAGE_COLUMNS = ("image", "image_bytes", "bytes", "jpg", "jpeg", "png", "img")
 ID_COLUMNS = ("id", "key", "image_id", "__key__", "filename", "path")
 
 
+class ColumnError(KeyError):
+    """A Parquet file without the columns the spec names (or without any image column); ``field`` is the spec's."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0])
+
+
 def _pick(schema: pa.Schema, explicit: str | None, candidates: tuple[str, ...], what: str, url: str) -> str | None:
     if explicit:
         if explicit not in schema.names:
-            raise KeyError(f"{url} has no {what} column {explicit!r} (columns: {', '.join(schema.names)})")
+            columns = ", ".join(schema.names)
+            raise ColumnError(f"{url} has no {what} column {explicit!r} (columns: {columns})", f"input.{what}_column")
         return explicit
     return next((name for name in candidates if name in schema.names), None)
+
+
+def columns(schema: pa.Schema, url: str, options: dict) -> tuple[str, str | None]:
+    """The image column and the id column (None: rows are keyed by their position) of a file with ``schema``."""
+    image_column = _pick(schema, options.get("image_column"), IMAGE_COLUMNS, "image", url)
+    if image_column is None:
+        raise ColumnError(
+            f"{url} has no image column: set input.image_column (columns: {', '.join(schema.names)}; looked for "
+            f"{', '.join(IMAGE_COLUMNS)})",
+            "input.image_column",
+        )
+    id_column = _pick(schema, options.get("id_column"), ID_COLUMNS, "id", url)
+    return image_column, id_column if id_column != image_column else None
+
+
+def check(fs, path: str, url: str, options: dict) -> None:
+    """Raise :class:`ColumnError` unless the file has the columns a read needs (reads the footer only)."""
+    with fs.open(path, "rb") as f:
+        columns(pq.read_schema(f), url, options)
 
 
 def _image_bytes(column: pa.ChunkedArray | pa.Array) -> list:
@@ -38,14 +69,11 @@ def read(fs, path: str, url: str, options: dict) -> Iterator:
     with fs.open(path, "rb") as f:
         parquet_file = pq.ParquetFile(f)
         schema = parquet_file.schema_arrow
-        image_column = _pick(schema, options.get("image_column"), IMAGE_COLUMNS, "image", url)
-        if image_column is None:
-            raise KeyError(f"{url}: no image column found; set input.image_column (columns: {', '.join(schema.names)})")
-        id_column = _pick(schema, options.get("id_column"), ID_COLUMNS, "id", url)
-        columns = [image_column] + ([id_column] if id_column and id_column != image_column else [])
+        image_column, id_column = columns(schema, url, options)
+        wanted = [image_column] + ([id_column] if id_column else [])
         row = 0
         for group in range(parquet_file.num_row_groups):
-            table = parquet_file.read_row_group(group, columns=columns)
+            table = parquet_file.read_row_group(group, columns=wanted)
             blobs = _image_bytes(table.column(image_column))
             keys = table.column(id_column).to_pylist() if id_column else range(row, row + len(blobs))
             for key, blob in zip(keys, blobs, strict=True):
