@@ -41,8 +41,11 @@ def _architecture(depth: int) -> str:
     return DEPTHS[depth]
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
 def _run_job(spec, address: str | None, quiet: bool, full: bool = False, retry_failed: bool = False):
-    from pipeline.runner import PreflightError, RunFailed, run
+    from pipeline.runner import PreflightError, RunFailed, RunStopped, run
     from pipeline.sources import InputError
 
     try:
@@ -51,6 +54,13 @@ def _run_job(spec, address: str | None, quiet: bool, full: bool = False, retry_f
         raise _fail(str(error)) from None
     except RunFailed as error:
         raise _fail(str(error), code=1) from None
+    except RunStopped as error:
+        raise _fail(str(error), code=INTERRUPTED) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            "stopped at once: what was written is kept; rerun the same command to finish (it adopts it)",
+            code=INTERRUPTED,
+        ) from None
     except Exception as error:  # Ray has already logged the workers' tracebacks; end with the cause in one line
         raise _fail(f"run failed: {_root_cause(error)}", code=1) from None
 

@@ -158,7 +158,8 @@ def decode_shards(
 
     Every record becomes exactly one row. Error rows carry zero pixels so every batch has one tensor shape; "no
     error" is "" and an unknown size is -1 (the predictor turns both into nulls). A task entry may carry ``only``:
-    the image ids to read again (retrying failed images). When all shards of a task are read, the number of rows
+    the image ids to read again (retrying failed images). A task that begins after the driver asked the run to stop
+    (``timer.request_stop``) reads nothing. When all shards of a task are read, the number of rows
     each gave is recorded under ``progress`` (see :func:`pipeline.runs.record_progress`): a rerun after a crash
     uses it to tell finished shards from half-written ones.
     """
@@ -188,6 +189,8 @@ def decode_shards(
         return out
 
     for task in batch["shards"]:
+        if _stop_requested(timer):
+            continue  # the run is stopping: shards not begun are left whole for the rerun
         done = []
         for entry in json.loads(task):
             only = entry.pop("only", None)
@@ -222,3 +225,15 @@ def decode_shards(
     if timer is not None:
         timer.add.remote("read", read_seconds, 0)
         timer.add.remote("decode", decode_seconds, 0, (began, time.time()))
+
+
+def _stop_requested(timer) -> bool:
+    """Whether the driver asked the run to stop; a timer that cannot be asked (lost with its node) says no."""
+    if timer is None:
+        return False
+    import ray
+
+    try:
+        return ray.get(timer.stop_requested.remote(), timeout=30)
+    except Exception:
+        return False

@@ -10,7 +10,8 @@ import ray
 
 @ray.remote(num_cpus=0)
 class StageTimer:
-    """Workers add (stage, seconds, items) without waiting; the driver reads the totals at the end.
+    """Workers add (stage, seconds, items) without waiting; the driver reads the totals at the end. It also carries
+    the driver's request to stop (a first Ctrl-C): read tasks that have not begun skip their shards.
 
     A worker that also says when its piece of work began and ended (``time.time()``) widens the stage's span: from
     the first start to the last end, in the totals as ``started_s`` (counted from ``since``, the driver's clock when
@@ -26,6 +27,7 @@ class StageTimer:
         self.first_start: dict[str, float] = {}
         self.last_end: dict[str, float] = {}
         self.actors: list[dict] = []
+        self.stopping = False
 
     def add(self, stage: str, seconds: float, items: int, span: tuple[float, float] | None = None) -> None:
         self.seconds[stage] += seconds
@@ -34,6 +36,12 @@ class StageTimer:
             began, ended = span
             self.first_start[stage] = min(began, self.first_start.get(stage, began))
             self.last_end[stage] = max(ended, self.last_end.get(stage, ended))
+
+    def request_stop(self) -> None:
+        self.stopping = True
+
+    def stop_requested(self) -> bool:
+        return self.stopping
 
     def actor_started(self, description: dict) -> None:
         self.actors.append(description)

@@ -16,7 +16,10 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +60,10 @@ class PreflightError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run that did its work but must not be committed (too many errors); nothing was made visible."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped by a first Ctrl-C before every shard was read: what it finished is kept for the rerun."""
 
 
 @dataclass
@@ -197,9 +204,9 @@ def run(
             discard(location, run_id)
             return RunResult(run_id, location.url(), None, 0, 0, 0, time.perf_counter() - started, plan=plan.summary())
         try:
-            stage_seconds, actors = _execute(spec, plan, location, run_id, progress, address)
+            stage_seconds, actors, stopped = _execute(spec, plan, location, run_id, progress, address)
             staged = inspect_staged(location, run_id)
-            shard_records = _check_complete(location, run_id, plan, staged)
+            shard_records = _check_complete(location, run_id, plan, staged, stopped)
             # A retry reads only failed images: its own error share says nothing about the input.
             if not retry_failed and staged.rows and staged.error / staged.rows > spec.max_error_fraction:
                 raise RunFailed(
@@ -210,10 +217,10 @@ def run(
             discard(location, run_id)
             raise
         except BaseException:
-            # Rows written so far are kept for the next run with the same work to adopt; a run that got nowhere
-            # leaves nothing.
+            # Rows and progress written so far (a crash, Ctrl-C) are kept for the next run with the same work to
+            # adopt; a run that got nowhere leaves nothing.
             with contextlib.suppress(Exception):
-                if not staged_files(location, run_id):
+                if not staged_files(location, run_id) and not read_progress(location, run_id):
                     discard(location, run_id)
             raise
 
@@ -255,10 +262,11 @@ def run(
 
 def _execute(
     spec: JobSpec, plan: Plan, location: OutputLocation, run_id: str, progress: bool, address: str | None
-) -> tuple[dict[str, Any], list[dict]]:
-    """Run the Ray plan over ``plan.entries``, writing into the run's staging folder. Returns stage times, actors."""
+) -> tuple[dict[str, Any], list[dict], bool]:
+    """Run the Ray plan over ``plan.entries``, writing into the run's staging folder. Returns stage times, actors,
+    and whether a first Ctrl-C stopped it early."""
     if not plan.entries:
-        return {}, []
+        return {}, [], False
     started = time.perf_counter()
     _init_ray(address)
     check_resources(spec, *_cluster_shapes())
@@ -283,18 +291,46 @@ def _execute(
     ray_started = time.perf_counter()
     timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
     try:
-        _plan(spec, plan.entries, location, run_id, timer).write_parquet(
-            location.staging(run_id),
-            filesystem=arrow_filesystem(location.fs),
-            min_rows_per_file=target_rows,
-            max_rows_per_file=target_rows,
-        )
+        with _first_interrupt_stops(timer) as stopped:
+            _plan(spec, plan.entries, location, run_id, timer).write_parquet(
+                location.staging(run_id),
+                filesystem=arrow_filesystem(location.fs),
+                min_rows_per_file=target_rows,
+                max_rows_per_file=target_rows,
+            )
         stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
     finally:
         ray.kill(timer)
     stage_seconds["ray_init"] = {"seconds": round(ray_started - started, 3), "items": 0}
     stage_seconds["pipeline"] = {"seconds": round(time.perf_counter() - ray_started, 3), "items": 0}
-    return stage_seconds, actors
+    return stage_seconds, actors, stopped.is_set()
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(timer) -> Iterator[threading.Event]:
+    """While the plan runs, a first Ctrl-C (SIGINT) stops it gently: read tasks not yet begun skip their shards,
+    and what was read is still predicted and written, so a rerun adopts every shard read so far. A second Ctrl-C
+    stops at once (KeyboardInterrupt), keeping what was written. Signals reach the main thread only; elsewhere
+    Ctrl-C keeps its usual meaning."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, previous)
+        stopped.set()
+        timer.request_stop.remote()
+        log.warning(
+            "stopping: the shards being read are finished and written, the rest are left for a rerun to read "
+            "(it adopts what this run wrote); Ctrl-C again stops at once"
+        )
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _cluster_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
@@ -422,14 +458,22 @@ def _buffer_bytes(spec: JobSpec, rows_per_file: int, cluster_cpus: float) -> int
     return max(128 * 2**20, waiting + decoding + rows)
 
 
-def _check_complete(location: OutputLocation, run_id: str, plan: Plan, staged) -> list[dict[str, Any]]:
+def _check_complete(
+    location: OutputLocation, run_id: str, plan: Plan, staged, stopped: bool = False
+) -> list[dict[str, Any]]:
     """Every planned shard was read to its end, and the staged rows are exactly the rows the shards gave.
 
     This is the guarantee "one committed row per input image" checked on the real files before the commit; it
-    cannot fail unless rows were lost or duplicated somewhere, and then the run must not be committed.
+    cannot fail unless rows were lost or duplicated somewhere, and then the run must not be committed. A run
+    stopped early (``stopped``) is not committed either unless, the stop coming late, it read everything.
     """
     records = read_progress(location, run_id)
     missing = [entry["url"] for entry in plan.entries if entry["url"] not in records]
+    if stopped and missing:
+        raise RunStopped(
+            f"run {run_id} stopped: {len(plan.entries) - len(missing)} of {len(plan.entries)} shards read and "
+            "written, nothing committed; rerun the same command to finish (it adopts them)"
+        )
     expected = sum(record["rows"] for record in records.values())
     if missing or expected != staged.rows:
         raise RuntimeError(
@@ -507,4 +551,4 @@ def _model_record(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-__all__ = ["InputError", "PreflightError", "RunFailed", "RunResult", "preflight", "run"]
+__all__ = ["InputError", "PreflightError", "RunFailed", "RunResult", "RunStopped", "preflight", "run"]

@@ -148,9 +148,14 @@ class Lease:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind: type | None, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if kind is not None and self.location.exists(self.path):
+            # Left for a rerun to adopt: say the run is over, so that a rerun in this same process (where the pid
+            # still lives) need not wait for the lease to go stale.
+            with contextlib.suppress(Exception):
+                write_json(self.location.fs, self.path, {**self.document, "heartbeat_at": _now(), "ended_at": _now()})
 
     def _write(self) -> None:
         write_json(self.location.fs, self.path, {**self.document, "heartbeat_at": _now()})
@@ -162,8 +167,9 @@ class Lease:
 
 
 def lease_expired(document: dict | None, now: datetime | None = None) -> bool:
-    """True when the driver holding the lease is known dead: its process is gone (same host) or it went silent."""
-    if not document:
+    """True when the driver holding the lease is known dead or done: it said it ended, its process is gone (same
+    host), or it went silent."""
+    if not document or document.get("ended_at"):
         return True
     now = now or datetime.now(timezone.utc)
     if document.get("host") == socket.gethostname() and not _process_alive(int(document.get("pid", 0))):

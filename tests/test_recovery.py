@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,52 @@ def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its
     rows = committed_rows(str(out))
     assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{bucket}/in/{name}" for name in images)
     assert {r["status"] for r in rows} == {"ok"} and {r["run_id"] for r in rows} == {manifest["run_id"]}
+    assert not (out / "_staging").exists()
+
+
+def test_ctrl_c_stops_gently_keeps_what_was_read_and_the_rerun_adopts_it(s3, tmp_path):
+    """A first Ctrl-C, sent to the whole process group as a terminal sends it: the shards being read are finished,
+    predicted and written, the rest are left; nothing is committed, and the rerun adopts every shard read."""
+    fs, bucket, storage_options = s3
+    images = pictures(24)
+    for name, data in images.items():
+        fs.pipe_file(f"{bucket}/in/{name}", data)
+    out = tmp_path / "out"
+    with FaultProxy(storage_options["endpoint_url"], delay=0.3) as slow_store:  # a run long enough to stop
+        document = spec_document(f"s3://{bucket}/in/", str(out), {"endpoint_url": slow_store.endpoint})
+        document["input"]["files_per_task"] = 2  # the default rows_per_file: no file is written before the end
+        spec = tmp_path / "job.yaml"
+        spec.write_text(yaml.safe_dump(document))
+        driver = cli("run", str(spec), "--quiet")
+        progress = out / "_staging"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            if len(list(progress.glob("*/_progress/*.json"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert driver.poll() is None, f"the run ended before it could be stopped:\n{driver.communicate()[1][-2000:]}"
+        os.killpg(driver.pid, signal.SIGINT)
+        _, stderr = driver.communicate(timeout=240)
+        slow_store.delay = 0
+        stop_group(driver)
+        assert driver.returncode == 130, stderr[-3000:]
+        assert "stopping: the shards being read are finished and written" in stderr
+        stopped = re.search(r"run (\S+) stopped: (\d+) of 24 shards read and written, nothing committed", stderr)
+        assert stopped, stderr[-3000:]
+        assert not (out / "_runs").exists() and committed_rows(str(out)) == []  # nothing visible
+        shards_read = int(stopped.group(2))
+        assert 4 <= shards_read < 24
+        assert list((progress / stopped.group(1)).glob("*.parquet"))  # what was read was written
+
+        rerun = cli("run", str(spec), "--quiet")
+        stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-3000:]
+    assert f"progress of crashed run {stopped.group(1)}" in stdout
+    (manifest,) = read_manifests(OutputLocation.open(str(out)))
+    assert manifest["plan"]["adopted"] == shards_read  # every shard the stopped run read; none read twice
+    assert manifest["plan"]["adopted"] + manifest["plan"]["to_read"] == len(images)
+    rows = committed_rows(str(out))
+    assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{bucket}/in/{name}" for name in images)
     assert not (out / "_staging").exists()
 
 

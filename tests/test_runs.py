@@ -170,6 +170,18 @@ def test_leases_expire_when_the_driver_is_gone_or_silent():
     assert lease_expired(None)
 
 
+def test_a_run_left_by_an_exception_is_adoptable_by_a_rerun_in_the_same_process(tmp_path):
+    """Ctrl-C in a notebook: the process (and its pid) lives on, yet the run it was doing is over."""
+    location = OutputLocation.open(str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt), Lease(location, "stopped", "k1"):
+        stage(location, "stopped", [rows("stopped", ["/i/1.jpg"])])
+        raise KeyboardInterrupt
+    assert [(run.run_id, run.key) for run in recover(location)] == [("stopped", "k1")]
+    with Lease(location, "finished", "k1"):
+        stage(location, "finished", [rows("finished", ["/i/2.jpg"])])
+    assert "finished" not in [run.run_id for run in recover(location)]  # a lease ends by its exception only
+
+
 def test_latest_view_takes_the_newest_row_per_image_and_a_whole_reread_replaces_a_shard(tmp_path):
     out = str(tmp_path / "out")
     location = OutputLocation.open(out)
