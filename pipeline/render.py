@@ -37,7 +37,7 @@ class RenderError(ValueError):
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # as the job spec: no coercion
 
 
 class PodSize(_Config):

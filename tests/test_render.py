@@ -295,6 +295,7 @@ def test_render_writes_a_file_and_refuses_bad_settings(tmp_path):
         (["--target", "raycronjob", "--time-zone", "Mars/Olympus"], "unknown time zone"),
         (["--target", "rayjob", "--cluster-set", "gpu_workers.gpu=2"], "gpu_workers.gpu: unknown field"),
         (["--target", "rayjob", "--set", "inference.batch_size=0"], "inference.batch_size"),
+        (["--target", "rayjob", "--cluster-set", "gpu_workers.max_replicas=true"], "gpu_workers.max_replicas"),
     ]:
         result = render_cli("jobs/nightly.yaml", *args)
         assert result.exit_code == 2, (args, result.output)
