@@ -17,6 +17,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline.storage import is_local
+
 TOP_K_TYPE = pa.list_(
     pa.struct([("class_id", pa.int32()), ("wnid", pa.string()), ("label", pa.string()), ("score", pa.float32())])
 )
@@ -65,13 +67,8 @@ def rows_per_file(embedding_dim: int, embedding_dtype: str, top_k: int, requeste
     return max(1_000, min(MAX_ROWS_PER_FILE, TARGET_FILE_BYTES // row_bytes(embedding_dim, embedding_dtype, top_k)))
 
 
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and path for ``url``."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """The same filesystem for pyarrow and Ray Data's writers (native for local disk)."""
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -15,7 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
+from pipeline.model.variants import DEPTHS, embedding_dim
+
+Depth = Literal[tuple(DEPTHS)]  # 18, 34, 50, 101, 152
+
 SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|private|^key$|access_key|account_key|sas", re.I)
 REDACTED = "***"
 
@@ -48,7 +51,7 @@ class OutputSpec(_Section):
 
 
 class ModelSpec(_Section):
-    depth: Literal[18, 34, 50, 101, 152] = 50
+    depth: Depth = 50
     weights: str = Field("imagenet", description="'imagenet', 'random', or a path/URL to .h5, .weights.h5, .keras.")
     labels: str | None = Field(None, description="Label file (JSON or one name per line); default ImageNet.")
     classes: int | None = Field(None, ge=1, description="Model outputs; default: the number of labels.")
@@ -63,8 +66,8 @@ class ModelSpec(_Section):
 
     @property
     def embedding_dim(self) -> int:
-        """Known without building the model: basic blocks end at 512 channels, bottlenecks expand them 4x."""
-        return 512 if self.depth < 50 else 2048
+        """Known without building the model."""
+        return embedding_dim(self.architecture)
 
 
 class DecodeSpec(_Section):

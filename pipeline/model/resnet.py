@@ -18,8 +18,9 @@ from collections.abc import Callable
 import keras
 from keras import layers
 
+from pipeline.model.variants import EXPANSION, STAGE_FILTERS, VARIANTS, embedding_dim
+
 BN_EPSILON = 1.001e-5
-STAGE_FILTERS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 MIN_INPUT_SIZE = 32
 
@@ -55,7 +56,7 @@ def basic_block(x, filters: int, stride: int = 1, *, name: str):
     return layers.Activation("relu", name=f"{name}_out")(x)
 
 
-basic_block.expansion = 1
+basic_block.expansion = EXPANSION["basic"]
 
 
 def bottleneck_block(x, filters: int, stride: int = 1, *, name: str):
@@ -77,7 +78,7 @@ def bottleneck_block(x, filters: int, stride: int = 1, *, name: str):
     return layers.Activation("relu", name=f"{name}_out")(x)
 
 
-bottleneck_block.expansion = 4
+bottleneck_block.expansion = EXPANSION["bottleneck"]
 
 Block = Callable[..., object]
 
@@ -89,19 +90,12 @@ def stage(x, block: Block, filters: int, blocks: int, stride: int, *, name: str)
     return x
 
 
-# Architecture name -> (block, blocks per stage). Each depth is its stage table.
+# Architecture name -> (block, blocks per stage), from the family's table.
+BLOCKS: dict[str, Block] = {"basic": basic_block, "bottleneck": bottleneck_block}
 ARCHITECTURES: dict[str, tuple[Block, tuple[int, int, int, int]]] = {
-    "resnet18": (basic_block, (2, 2, 2, 2)),
-    "resnet34": (basic_block, (3, 4, 6, 3)),
-    "resnet50": (bottleneck_block, (3, 4, 6, 3)),
-    "resnet101": (bottleneck_block, (3, 4, 23, 3)),
-    "resnet152": (bottleneck_block, (3, 8, 36, 3)),
+    name: (BLOCKS[variant.block], variant.stages) for name, variant in VARIANTS.items()
 }
-
-
-def embedding_dim(architecture: str) -> int:
-    block, _ = ARCHITECTURES[architecture]
-    return STAGE_FILTERS[-1] * block.expansion
+__all__ = ["ARCHITECTURES", "basic_block", "bottleneck_block", "build_resnet", "embedding_dim", "stage"]
 
 
 def _input_shape(input_shape: tuple | None, include_top: bool) -> tuple:
