@@ -462,11 +462,17 @@ def submit(
         True, "--ship-code/--no-ship-code", help="Send this pipeline package with the job, or use the image's."
     ),
     driver_cpus: float = typer.Option(0, "--driver-cpus", min=0, help="CPUs reserved for the driver on the head."),
+    send_credentials: bool = typer.Option(
+        False,
+        "--send-credentials",
+        help="Send the spec's storage credentials in the job's runtime_env, which Ray writes to the head's logs "
+        "(runtime_env_agent.log). Default: refuse; use the cluster's identity or the storage Secret.",
+    ),
 ) -> None:
     """Submit a labeling job to a Ray cluster (Ray Jobs API); prints its submission id."""
     from datetime import date
 
-    from pipeline.cluster import AlreadySubmitted, Cluster, check_name, scheduled_submission_id
+    from pipeline.cluster import AlreadySubmitted, Cluster, check_credentials, check_name, scheduled_submission_id
     from pipeline.spec import load_spec
 
     if scheduled_for and submission_id:
@@ -483,10 +489,16 @@ def submit(
             metadata["scheduled_for"] = day.isoformat()
         elif submission_id:
             check_name(submission_id)
+        check_credentials(spec, send_credentials)  # before any request: a refused spec never reaches the cluster
         cluster = Cluster.connect(address, token_file)
         try:
             job_id = cluster.submit(
-                spec, submission_id=submission_id, ship_code=ship_code, driver_cpus=driver_cpus, metadata=metadata
+                spec,
+                submission_id=submission_id,
+                ship_code=ship_code,
+                driver_cpus=driver_cpus,
+                metadata=metadata,
+                send_credentials=send_credentials,
             )
             console.print(f"submitted: {job_id}", highlight=False)
         except AlreadySubmitted as already:

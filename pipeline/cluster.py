@@ -4,8 +4,11 @@
 the project installed, a copy of this ``pipeline`` package; its entrypoint is ``python -m pipeline run job.yaml``,
 which runs as the driver on the head node and joins that cluster (Ray sets ``RAY_ADDRESS`` for it).
 
-Credentials never travel in the entrypoint or the shipped spec. Credential-like storage options (the keys that
-``pipeline.spec`` redacts) are taken out of the spec and sent as ``FSSPEC_<PROTOCOL>`` variables in the job's
+Credentials never travel in the entrypoint or the shipped spec. A spec with credential-like storage options (the keys
+that ``pipeline.spec`` redacts) is refused: Ray writes a job's runtime_env in plain text to the head's logs
+(``runtime_env_agent.log``, readable by every user of the head and any log collector), so the cluster gets storage
+access from its own identity or the storage Secret (infra/README.md). With ``send_credentials`` (``submit
+--send-credentials``) they are taken out of the spec and sent as ``FSSPEC_<PROTOCOL>`` variables in the job's
 runtime_env: fsspec applies them to every filesystem of that protocol the job opens, driver and workers alike.
 The Ray token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token`` or ``--token-file``) goes only
 into the Authorization header of the requests.
@@ -145,6 +148,20 @@ def split_credentials(spec: JobSpec) -> tuple[dict[str, Any], dict[str, str], li
     return document, env, moved
 
 
+def check_credentials(spec: JobSpec, send_credentials: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`split_credentials`'s document and variables; a ClusterInputError, naming the options and never their
+    values, if the spec holds credentials and ``send_credentials`` is not given."""
+    document, env, moved = split_credentials(spec)
+    if moved and not send_credentials:
+        raise ClusterInputError(
+            f"the spec holds credentials ({', '.join(moved)}); submit does not send them, since Ray writes a job's "
+            "runtime_env in plain text to the head's logs: give the cluster access through its workload identity "
+            "or the storage Secret (infra/README.md), or pass --send-credentials to send them anyway (they land in "
+            "the job's runtime_env and the head's runtime_env_agent.log)"
+        )
+    return document, env
+
+
 def _absolute_local_paths(document: dict[str, Any]) -> None:
     """Relative local paths mean the submitter's working directory, not the job's (which is a temporary copy)."""
     for section, key in (("input", "url"), ("output", "url"), ("model", "weights"), ("model", "labels")):
@@ -227,9 +244,11 @@ class Cluster:
         ship_code: bool = True,
         driver_cpus: float = 0,
         metadata: dict[str, str] | None = None,
+        send_credentials: bool = False,
     ) -> str:
-        """Submit the job; returns its submission id. Raises AlreadySubmitted for an id the cluster has."""
-        document, env, _ = split_credentials(spec)
+        """Submit the job; returns its submission id. Raises AlreadySubmitted for an id the cluster has, and
+        ClusterInputError for credentials in the spec unless ``send_credentials`` (see :func:`check_credentials`)."""
+        document, env = check_credentials(spec, send_credentials)
         _absolute_local_paths(document)
         with tempfile.TemporaryDirectory(prefix="resnet-pipeline-job-") as staging:
             root = Path(staging)
@@ -309,7 +328,7 @@ def _explicit_address(address: str) -> Iterator[None]:
 
 
 def describe(details: JobDetails) -> list[str]:
-    """A job's status in a few lines, without its runtime_env (which carries the credential variables)."""
+    """A job's status in a few lines, without its runtime_env (credential variables, with --send-credentials)."""
     lines = [f"{details.submission_id}  {details.status}"]
     if details.message:  # on failure, Ray's message ends with up to 20,000 characters of log: keep the last lines
         message = details.message.strip().splitlines()

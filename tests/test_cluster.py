@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.cluster import ClusterInputError, Token, find_token, scheduled_submission_id, split_credentials
+from pipeline.cluster import (
+    ClusterInputError,
+    Token,
+    check_credentials,
+    find_token,
+    scheduled_submission_id,
+    split_credentials,
+)
 from pipeline.samples import write_samples
 from pipeline.spec import parse_spec
 from tests.conftest import _free_port
@@ -79,6 +87,50 @@ def test_two_sets_of_credentials_for_one_protocol_are_refused():
     )
     with pytest.raises(ClusterInputError, match=r"output.storage_options.secret: another section .* s3://"):
         split_credentials(spec)
+
+
+def test_submit_refuses_credentials_in_the_spec_before_any_request(tmp_path):
+    """Ray writes a job's runtime_env to the head's logs: credentials go there only when the user insists."""
+    output = {"url": "s3://bucket/labels", "storage_options": {"key": FAKE_KEY_ID, "secret": FAKE_SECRET}}
+    spec = write_spec(tmp_path / "job.yaml", "creds", str(tmp_path), output)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "FSSPEC_"))}
+    with socket.create_server(("127.0.0.1", 0)) as dashboard:  # listens, and would see any request
+        address = f"http://127.0.0.1:{dashboard.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "submit", str(spec), "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=env,
+        )
+        dashboard.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            dashboard.accept()  # nobody connected
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "the spec holds credentials (output.storage_options.key, output.storage_options.secret)" in line
+    for hint in ("workload identity", "storage Secret (infra/README.md)", "--send-credentials", "runtime_env_agent"):
+        assert hint in line
+    assert FAKE_SECRET not in result.stdout + result.stderr and FAKE_KEY_ID not in result.stdout + result.stderr
+
+    parsed = parse_spec(yaml.safe_load(spec.read_text()))
+    with pytest.raises(ClusterInputError, match="--send-credentials"):
+        check_credentials(parsed)
+    _, env_vars = check_credentials(parsed, send_credentials=True)
+    assert json.loads(env_vars["FSSPEC_S3"]) == {"key": FAKE_KEY_ID, "secret": FAKE_SECRET}
+
+    rendered = subprocess.run(  # manifests still render, without the credentials
+        [sys.executable, "-m", "pipeline", "render", str(spec), "--target", "rayjob"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert "output.storage_options.key, output.storage_options.secret" in rendered.stderr
+    assert FAKE_SECRET not in rendered.stdout + rendered.stderr and FAKE_KEY_ID not in rendered.stdout
 
 
 def test_token_sources_follow_rays_order(tmp_path, monkeypatch):
@@ -250,7 +302,9 @@ def test_a_scheduled_night_runs_once_with_credentials_kept_out_of_sight(head, s3
     spec = write_spec(tmp_path / "night.yaml", "night", str(tmp_path / "images"), output)
     # The head's environment has no AWS credentials: the job can write to S3 only with the ones from the spec.
     # --no-ship-code: the local head has the package installed, like a cluster built from our image.
+    # --send-credentials: the user insists on sending them (they land in the job's runtime_env and Ray's logs).
     submit = ["submit", str(spec), "--address", head.address, "--scheduled-for", "2026-11-29", "--no-ship-code"]
+    submit.append("--send-credentials")
 
     first = cli(head, *submit, "--wait")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
