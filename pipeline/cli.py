@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch image labeling with ResNet on Ray.")
 weights_app = typer.Typer(no_args_is_help=True, help="Stage and inspect model weights.")
@@ -28,8 +29,26 @@ SetOption = typer.Option([], "--set", help="Override a spec field: --set model.t
 AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster; default: start a local one.")
 
 
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but newline and tab, DEL, C1
+
+
+def _printable(value: object) -> str:
+    """A value as it may reach a terminal: control characters (ESC, ...) written out as ``\\x1b``, never sent."""
+    return CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", str(value))
+
+
+def _text(value: object, style: str = "") -> Text:
+    """A value as Rich text: shown as it is, never read as markup (``[/b]``) or emoji (``:x:``)."""
+    return Text(_printable(value), style=style)
+
+
+def _say(message: object, style: str = "", to: Console = console) -> None:
+    """One message (lines of it never wrapped): what we print is data, image ids and paths among it."""
+    to.print(_text(message, style), soft_wrap=True)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[red]{message}[/red]", highlight=False)
+    _say(message, "red", to=errors)
     return typer.Exit(code)
 
 
@@ -89,8 +108,8 @@ def _summary(result) -> None:
         f"{plan.get('to_read', 0)} read, {plan.get('skipped_unchanged', 0)} unchanged, {plan.get('adopted', 0)} adopted"
     )
     if result.manifest_url is None:
-        console.print(f"Nothing to do ({plan.get('mode')} run over {plan.get('listed')} shards: {shards}).")
-        console.print(f"  output      {result.output_url} (no run committed)", soft_wrap=True, highlight=False)
+        _say(f"Nothing to do ({plan.get('mode')} run over {plan.get('listed')} shards: {shards}).")
+        _say(f"  output      {result.output_url} (no run committed)")
         return
     stages = ", ".join(f"{name} {value['seconds']:.1f}s" for name, value in result.stage_seconds.items())
     predict = result.stage_seconds.get("predict", {})
@@ -101,7 +120,6 @@ def _summary(result) -> None:
     )
     adopted = f" (progress of crashed run {', '.join(plan['adopted_from'])})" if plan.get("adopted_from") else ""
     lines = [
-        f"[bold]run {result.run_id}[/bold] ({plan.get('mode')})",
         f"  shards      {plan.get('listed')} listed: {shards}{adopted}",
         f"  images      {result.rows} ({result.ok} ok, {result.error} failed)",
         f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s{once_running}",
@@ -109,7 +127,8 @@ def _summary(result) -> None:
         f"  output      {result.output_url}",
         f"  manifest    {result.manifest_url}",
     ]
-    console.print("\n".join(lines), soft_wrap=True, highlight=False)
+    head = Text.assemble(_text(f"run {result.run_id}", "bold"), _text(f" ({plan.get('mode')})"))
+    console.print(head, _text("\n".join(lines)), sep="\n", soft_wrap=True)
 
 
 @app.command("run")
@@ -203,9 +222,9 @@ def _emit(table, output_format: str, output_file: Path | None, title: str | None
         rows = table.to_pylist()
         _write_text("".join(json.dumps(row, default=str) + "\n" for row in rows), output_file)
     else:
-        view = Table(title=title)
+        view = Table(title=_text(title) if title else None)
         for name in table.column_names:
-            view.add_column(name, overflow="fold")  # ids are wrapped, never cut: they are meant to be copied
+            view.add_column(_text(name), overflow="fold")  # ids are wrapped, never cut: they are meant to be copied
         for row in table.to_pylist():
             view.add_row(*(_cell(value) for value in row.values()))
         if output_file is None:
@@ -221,14 +240,14 @@ def _flat(arrow_type) -> bool:
     return not (pa.types.is_nested(arrow_type) or pa.types.is_fixed_size_list(arrow_type))
 
 
-def _cell(value) -> str:
+def _cell(value) -> Text:
     if value is None:
-        return ""
+        return Text("")
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return Text(f"{value:.4f}")
     if isinstance(value, list) and len(value) > 8:
-        return f"[{len(value)} values]"
-    return str(value)
+        return Text(f"[{len(value)} values]")
+    return _text(value)
 
 
 def _write_text(text: str, output_file: Path | None) -> None:
@@ -316,10 +335,10 @@ def report(
         data = gather(output, run_id)
     except QueryError as error:
         raise _fail(str(error)) from None
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else to_text(data))
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else _printable(to_text(data)))
     if html_file is not None:
         html_file.write_text(to_html(data), encoding="utf-8")
-        errors.print(f"wrote {html_file}", highlight=False)
+        _say(f"wrote {html_file}", to=errors)
 
 
 @app.command()
@@ -350,7 +369,7 @@ def demo(
     except SpecError as error:
         raise _fail(str(error)) from None
     write_samples(images)
-    console.print(f"Sample images: {images}")
+    _say(f"Sample images: {images}")
     if spec.model.weights == "imagenet" and not download_weights:
         from pipeline.model.weights import WeightsError, imagenet_file
 
@@ -363,7 +382,7 @@ def demo(
             ) from None
     result = _run_job(spec, None, quiet)
     if spec.model.weights == "random":
-        errors.print("[yellow]Random weights: the labels below are meaningless (a smoke test, not a result).[/yellow]")
+        _say("Random weights: the labels below are meaningless (a smoke test, not a result).", "yellow", to=errors)
     _print_top_labels(result, spec.output.url)
     _summary(result)
 
@@ -381,11 +400,11 @@ def _print_top_labels(result, output_url: str) -> None:
     table.add_column("image")
     table.add_column("labels (score)")
     for row in rows:
-        name = Path(row["image_id"]).name
+        name = _text(Path(row["image_id"]).name)
         if row["status"] == "ok":
-            table.add_row(name, ", ".join(f"{c['label']} {c['score']:.2f}" for c in row["top_k"]))
+            table.add_row(name, _text(", ".join(f"{c['label']} {c['score']:.2f}" for c in row["top_k"])))
         else:
-            table.add_row(name, f"[red]error: {row['error']}[/red]")
+            table.add_row(name, _text(f"error: {row['error']}", "red"))
     console.print(table)
 
 
@@ -401,7 +420,7 @@ def weights_fetch(
         path = imagenet_file(_architecture(depth), include_top=not no_top, allow_download=True)
     except WeightsError as error:
         raise _fail(str(error)) from None
-    console.print(f"ImageNet weights for ResNet-{depth}: {path}")
+    _say(f"ImageNet weights for ResNet-{depth}: {path}")
 
 
 @weights_app.command("where")
@@ -409,7 +428,7 @@ def weights_where() -> None:
     """Where weights are cached on this node (set RESNET_PIPELINE_CACHE to move it)."""
     from pipeline.model.weights import weights_cache_dir
 
-    console.print(str(Path(weights_cache_dir())))
+    _say(Path(weights_cache_dir()))
 
 
 # --- Ray clusters: submit, status, logs, stop (pipeline.cluster); manifests (pipeline.render) -----------------------
@@ -431,16 +450,14 @@ class _ClusterErrors:
         return None
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> bool:
-        from rich.markup import escape
-
         from pipeline.cluster import ClusterError, ClusterInputError
         from pipeline.render import RenderError
         from pipeline.spec import SpecError
 
         if isinstance(error, ClusterInputError | RenderError | SpecError):
-            raise _fail(escape(str(error))) from None
+            raise _fail(str(error)) from None
         if isinstance(error, ClusterError):
-            raise _fail(escape(str(error)), code=1) from None
+            raise _fail(str(error), code=1) from None
         return False
 
 
@@ -500,17 +517,17 @@ def submit(
                 metadata=metadata,
                 send_credentials=send_credentials,
             )
-            console.print(f"submitted: {job_id}", highlight=False)
+            _say(f"submitted: {job_id}")
         except AlreadySubmitted as already:
-            console.print(str(already), highlight=False)
+            _say(already)
             job_id = already.submission_id
             if not wait or already.status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 raise typer.Exit(1 if already.status in ("FAILED", "STOPPED") else 0) from None
         if not wait:
-            console.print(f"follow it with: resnet-pipeline logs {job_id} --follow", highlight=False)
+            _say(f"follow it with: resnet-pipeline logs {job_id} --follow")
             return
         status = cluster.follow(job_id, lambda chunk: typer.echo(chunk, nl=False))
-    console.print(f"job {job_id}: {status}", highlight=False)
+    _say(f"job {job_id}: {status}")
     if status != "SUCCEEDED":
         raise typer.Exit(1)
 
@@ -529,7 +546,7 @@ def status_command(
 
     with _ClusterErrors():
         details = Cluster.connect(address, token_file).status(job_id)
-    console.print("\n".join(describe(details)), highlight=False, soft_wrap=True, markup=False)
+    _say("\n".join(describe(details)))
 
 
 @app.command("logs")
@@ -562,9 +579,9 @@ def stop_command(
     with _ClusterErrors():
         cluster = Cluster.connect(address, token_file)
         if cluster.stop(job_id):
-            console.print(f"stop requested: {job_id}", highlight=False)
+            _say(f"stop requested: {job_id}")
         else:
-            console.print(f"{job_id} had already ended ({cluster.status(job_id).status})", highlight=False)
+            _say(f"{job_id} had already ended ({cluster.status(job_id).status})")
 
 
 @app.command("render")
@@ -605,17 +622,18 @@ def render_command(
         spec = load_spec(spec_path, overrides)
         rendered = render(spec, target, load_cluster(cluster_file, settings), shlex.join(words))
     if rendered.left_out:
-        errors.print(
-            f"[yellow]Left out of the manifests (credentials): {', '.join(rendered.left_out)}. The pods get "
-            "credentials from the storage Secret or the cloud's workload identity (infra/README.md).[/yellow]",
-            highlight=False,
+        _say(
+            f"Left out of the manifests (credentials): {', '.join(rendered.left_out)}. The pods get credentials "
+            "from the storage Secret or the cloud's workload identity (infra/README.md).",
+            "yellow",
+            to=errors,
         )
     if output is None:
         typer.echo(rendered.text, nl=False)
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(rendered.text, encoding="utf-8")
-        console.print(f"wrote {output}", highlight=False)
+        _say(f"wrote {output}")
 
 
 def main() -> None:

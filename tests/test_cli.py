@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline.samples import BAD_FILES, VARIANTS, write_samples
+from pipeline.samples import BAD_FILES, VARIANTS, photo, write_samples
 
 SMALL = ["--set", "model.depth=18", "--set", "model.weights=random", "--set", "decode.image_size=64"]
 
@@ -48,15 +48,19 @@ def test_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_with_random_weights(tmp_path):
-    result = cli("demo", "--workdir", str(tmp_path / "demo"), *SMALL, "--quiet")
+    workdir = tmp_path / "demo :x:"  # names are data: printed as they are, never read as Rich markup or emoji
+    (workdir / "images").mkdir(parents=True)
+    (workdir / "images" / "[x] :x: extra.jpg").write_bytes(VARIANTS["photo.jpg"](photo("flower.jpg")))
+    result = cli("demo", "--workdir", str(workdir), *SMALL, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "meaningless" in result.stderr  # a random run never passes for a real one
-    for name in ("china-photo.jpg", "flower-exif-rotated.jpg", "bad-html-page.jpg"):
+    for name in ("china-photo.jpg", "flower-exif-rotated.jpg", "bad-html-page.jpg", "[x] :x: extra.jpg"):
         assert name in result.stdout
     assert "error: empty file" in result.stdout
-    good, bad = 2 * len(VARIANTS), len(BAD_FILES)
+    good, bad = 2 * len(VARIANTS) + 1, len(BAD_FILES)
     assert f"{good + bad} ({good} ok, {bad} failed)" in result.stdout
-    assert list((tmp_path / "demo" / "output" / "_runs").glob("*.json"))
+    assert str(workdir / "output") in result.stdout  # the run's summary
+    assert list((workdir / "output" / "_runs").glob("*.json"))
 
 
 @pytest.mark.slow

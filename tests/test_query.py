@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from io import BytesIO
@@ -27,6 +29,7 @@ SMALL = {
     "decode": {"image_size": 64},
     "inference": {"batch_size": 4},
 }
+MARKUP = "[x] :x: [/b] markup.jpg"  # a folder "[x] :x: [" holding "b] markup.jpg": the image id reads [/b]
 
 
 def jpeg(image: Image.Image) -> bytes:
@@ -51,6 +54,7 @@ def corpus() -> dict[str, bytes]:
     for index in range(4):
         images[f"noise-{index}.jpg"] = jpeg(Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)))
         images[f"flat-{index}.jpg"] = jpeg(Image.new("RGB", (80, 60), ((60 * index) % 256, 120, 200 - 40 * index)))
+    images[MARKUP] = jpeg(Image.new("RGB", (70, 50), (230, 30, 90)))
     return images
 
 
@@ -64,6 +68,7 @@ def labeled(tmp_path_factory):
     images = corpus()
     (root / "in").mkdir()
     for name, data in images.items():
+        (root / "in" / name).parent.mkdir(exist_ok=True)
         (root / "in" / name).write_bytes(data)
     out = str(root / "out")
     first = run(parse_spec({"input": str(root / "in"), "output": out, **SMALL}), progress=False)
@@ -150,7 +155,11 @@ def test_report_counts_reasons_labels_and_renders_html_with_pictures(labeled):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+    """The command as a user runs it, on a terminal wide enough that no id in a table is folded."""
+    env = {**os.environ, "COLUMNS": "1000"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_cli_query_search_similar_report(labeled, tmp_path):
@@ -184,7 +193,8 @@ def test_cli_query_search_similar_report(labeled, tmp_path):
 def test_queries_on_s3(s3, labeled):
     fs, bucket, storage_options = s3
     for path in (labeled["root"] / "in").iterdir():
-        fs.pipe_file(f"{bucket}/in/{path.name}", path.read_bytes())
+        if path.is_file():
+            fs.pipe_file(f"{bucket}/in/{path.name}", path.read_bytes())
     options = {**storage_options, "key": "testing", "secret": "testing"}
     spec = parse_spec(
         {
@@ -199,3 +209,28 @@ def test_queries_on_s3(s3, labeled):
         nearest = similar(db, f"s3://{bucket}/in/china.jpg", k=2).column("image_id").to_pylist()
     assert nearest == [f"s3://{bucket}/in/china.jpg", f"s3://{bucket}/in/china-resized.jpg"]
     assert report(f"s3://{bucket}/out", storage_options=options)["images"] == result.rows
+
+
+def test_printed_values_are_data_never_markup_or_terminal_codes(labeled, tmp_path):
+    out, image = labeled["out"], str(labeled["root"] / "in" / MARKUP)
+    value = cli("query", out, "SELECT '[/b] :x: [x] ' || chr(27) || '[31m' AS v")
+    assert value.returncode == 0, value.stderr
+    assert "[/b] :x: [x] \\x1b[31m" in value.stdout  # the escape byte written out, not sent
+
+    with connect(out) as db:
+        (label,) = db.execute("SELECT label FROM latest WHERE image_id = $id", {"id": image}).fetchone()
+    found = [cli("search", out, "--label", label), cli("similar", out, image, "-k", "2")]
+    for result in found:
+        assert result.returncode == 0, result.stderr
+        assert image in result.stdout
+    missing = image.replace("markup", "missing")
+    failed = cli("similar", out, missing)
+    assert failed.returncode == 2 and f"no image {missing!r} in this output" in failed.stderr
+
+    odd = tmp_path / "out \x1b[31m [/b] :x:"  # report's text names the output
+    shutil.copytree(out, odd)
+    reported = cli("report", str(odd))
+    assert reported.returncode == 0, reported.stderr
+    assert "out \\x1b[31m [/b] :x:: latest result of every image" in reported.stdout
+    for result in (value, *found, failed, reported):
+        assert "\x1b" not in result.stdout + result.stderr and "\u274c" not in result.stdout  # no ESC, no emoji
