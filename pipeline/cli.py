@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -189,7 +188,12 @@ def _without_redacted(value, redacted: str):
 
 
 FormatOption = typer.Option("table", "--format", help="table | csv | json | parquet (parquet needs --output).")
-OutputFileOption = typer.Option(None, "--output", "-o", help="Write to this file instead of the terminal.")
+OutputFileOption = typer.Option(
+    None, "--output", "-o", help="Write to this file instead of the terminal (csv, json, parquet: every row)."
+)
+MaxRowsOption = typer.Option(
+    1000, "--max-rows", min=1, help="Table format: show at most this many rows (all of them: a format and -o)."
+)
 
 
 def _connect(output: str):
@@ -201,43 +205,67 @@ def _connect(output: str):
         raise _fail(f"cannot read {output}: {error}") from None
 
 
-def _emit(table, output_format: str, output_file: Path | None, title: str | None = None) -> None:
-    """An Arrow table as a terminal table, CSV, JSON lines or Parquet."""
-    import pyarrow.parquet as pq
+def _emit(
+    db,
+    query,
+    output_format: str,
+    output_file: Path | None,
+    max_rows: int,
+    title: Callable[[str], str] | None = None,
+) -> None:
+    """A query's rows as a terminal table (the first ``max_rows``), CSV, JSON lines or Parquet, streamed: DuckDB
+    writes files, and the terminal gets a batch at a time. CSV leaves out nested columns (top_k, embedding)."""
+    import duckdb
 
-    if output_format not in ("table", "csv", "json", "parquet"):
+    from pipeline.query import BATCH_ROWS, FORMATS, QueryError, export, relation, text_lines
+
+    if output_format not in ("table", *FORMATS):
         raise _fail(f"--format must be table, csv, json or parquet, got {output_format!r}")
-    if output_format == "parquet":
-        if output_file is None:
-            raise _fail("--format parquet needs --output FILE")
-        pq.write_table(table, output_file)
-    elif output_format == "csv":  # nested columns (top_k, embedding) do not fit in CSV: use json or parquet
-        flat = table.select([c for c in table.column_names if _flat(table.schema.field(c).type)])
-        sink = io.StringIO()
-        writer = csv.writer(sink)
-        writer.writerow(flat.column_names)
-        writer.writerows(row.values() for row in flat.to_pylist())
-        _write_text(sink.getvalue(), output_file)
-    elif output_format == "json":
-        rows = table.to_pylist()
-        _write_text("".join(json.dumps(row, default=str) + "\n" for row in rows), output_file)
+    if output_format == "parquet" and output_file is None:
+        raise _fail("--format parquet needs --output FILE")
+    try:
+        if output_format != "table" and output_file is not None:
+            export(db, query, output_format, output_file)
+            return
+        result = relation(db, query, output_format)
+        if result is None:
+            return
+        with result.to_arrow_reader(BATCH_ROWS) as reader:
+            if output_format == "table":
+                _print_table(reader, max_rows, output_file, title)
+            else:
+                for text in text_lines(reader, output_format):
+                    typer.echo(text, nl=False)
+    except (duckdb.Error, QueryError) as error:
+        raise _fail(f"query failed: {error}") from None
+
+
+def _print_table(reader, max_rows: int, output_file: Path | None, title: Callable[[str], str] | None) -> None:
+    """The first ``max_rows`` rows; the rest is never read, and a line under the table says it was cut."""
+    from pipeline.query import rows
+
+    shown: list[tuple] = []
+    for batch in reader:
+        shown += rows(batch.slice(0, max_rows + 1 - len(shown)))
+        if len(shown) > max_rows:
+            break
+    cut = len(shown) > max_rows
+    view = Table(title=_text(title(f"first {max_rows:,}" if cut else f"{len(shown):,}")) if title else None)
+    for name in reader.schema.names:
+        view.add_column(_text(name), overflow="fold")  # ids are wrapped, never cut: they are meant to be copied
+    for row in shown[:max_rows]:
+        view.add_row(*(_cell(value) for value in row))
+    notice = f"(the first {max_rows:,} rows; more were cut: every row with --format csv|json|parquet -o FILE)"
+    if output_file is None:
+        console.print(view)
+        if cut:
+            _say(notice)
     else:
-        view = Table(title=_text(title) if title else None)
-        for name in table.column_names:
-            view.add_column(_text(name), overflow="fold")  # ids are wrapped, never cut: they are meant to be copied
-        for row in table.to_pylist():
-            view.add_row(*(_cell(value) for value in row.values()))
-        if output_file is None:
-            console.print(view)
-        else:
-            with output_file.open("w") as f:
-                Console(file=f, width=200).print(view)
-
-
-def _flat(arrow_type) -> bool:
-    import pyarrow as pa
-
-    return not (pa.types.is_nested(arrow_type) or pa.types.is_fixed_size_list(arrow_type))
+        with output_file.open("w") as f:
+            to = Console(file=f, width=200)
+            to.print(view)
+            if cut:
+                _say(notice, to=to)
 
 
 def _cell(value) -> Text:
@@ -250,31 +278,19 @@ def _cell(value) -> Text:
     return _text(value)
 
 
-def _write_text(text: str, output_file: Path | None) -> None:
-    if output_file is None:
-        typer.echo(text, nl=False)
-    else:
-        output_file.write_text(text)
-
-
 @app.command()
 def query(
     output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
     sql: str = typer.Argument(..., help="SQL over the views predictions, latest, errors, runs, shards."),
     output_format: str = FormatOption,
     output_file: Path | None = OutputFileOption,
+    max_rows: int = MaxRowsOption,
 ) -> None:
     """SQL over the committed runs of an output (DuckDB). Uncommitted and crashed runs are never seen."""
-    import duckdb
-
-    from pipeline.query import fetch_arrow
+    from pipeline.query import Query
 
     with _connect(output) as db:
-        try:
-            table = fetch_arrow(db, sql)
-        except duckdb.Error as error:
-            raise _fail(f"query failed: {error}") from None
-    _emit(table, output_format, output_file)
+        _emit(db, Query(sql), output_format, output_file, max_rows)
 
 
 @app.command()
@@ -286,17 +302,17 @@ def search(
     limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many images."),
     output_format: str = FormatOption,
     output_file: Path | None = OutputFileOption,
+    max_rows: int = MaxRowsOption,
 ) -> None:
     """Images carrying a label (newest result per image), best score first."""
-    from pipeline.query import QueryError
-    from pipeline.query import search as search_label
+    from pipeline.query import QueryError, search_query
 
     with _connect(output) as db:
         try:
-            table = search_label(db, label, min_score=min_score, in_top_k=in_top_k, limit=limit)
+            found = search_query(db, label, min_score=min_score, in_top_k=in_top_k, limit=limit)
         except QueryError as error:
             raise _fail(str(error)) from None
-    _emit(table, output_format, output_file, title=f"{table.num_rows} images labeled {label!r}")
+        _emit(db, found, output_format, output_file, max_rows, title=lambda count: f"{count} images labeled {label!r}")
 
 
 @app.command()
@@ -306,17 +322,17 @@ def similar(
     k: int = typer.Option(10, "-k", min=1, help="How many images, the image itself first."),
     output_format: str = FormatOption,
     output_file: Path | None = OutputFileOption,
+    max_rows: int = MaxRowsOption,
 ) -> None:
     """Nearest images by cosine similarity of their embeddings (exact search)."""
-    from pipeline.query import QueryError
-    from pipeline.query import similar as nearest
+    from pipeline.query import QueryError, similar_query
 
     with _connect(output) as db:
         try:
-            table = nearest(db, image_id, k)
+            nearest = similar_query(db, image_id, k)
         except QueryError as error:
             raise _fail(str(error)) from None
-    _emit(table, output_format, output_file)
+        _emit(db, nearest, output_format, output_file, max_rows)
 
 
 @app.command()

@@ -10,11 +10,20 @@ Views (only committed runs are ever seen: every file is taken from a manifest, n
 ``shards``       the shards each run processed, with their ETag, size and row count
 
 Files are read through fsspec (s3fs, gcsfs, ...), so DuckDB needs no extension and no download.
+
+Results stream (:func:`export`, :func:`relation`): DuckDB writes files itself (``COPY ... TO``), and readers get
+Arrow record batches, so no result is ever held whole in memory.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -124,11 +133,28 @@ class QueryError(ValueError):
     """A question the output cannot answer as asked (unknown label or image); the message says why."""
 
 
+@dataclass(frozen=True)
+class Query:
+    """A statement and its parameter values, run where its rows are read: whole (:func:`fetch_arrow`), a batch at a
+    time (:func:`relation`) or into a file (:func:`export`)."""
+
+    sql: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 def search(
     db: duckdb.DuckDBPyConnection, label: str, *, min_score: float = 0.0, in_top_k: int = 1, limit: int | None = None
 ) -> pa.Table:
     """Images (from ``latest``) carrying ``label`` (a class name or WordNet id) among their first ``in_top_k``
     labels with at least ``min_score``; best score first."""
+    query = search_query(db, label, min_score=min_score, in_top_k=in_top_k, limit=limit)
+    return fetch_arrow(db, query.sql, query.params)
+
+
+def search_query(
+    db: duckdb.DuckDBPyConnection, label: str, *, min_score: float = 0.0, in_top_k: int = 1, limit: int | None = None
+) -> Query:
+    """:func:`search`'s query, not run; raises QueryError for a label no image carries."""
     found = db.execute(
         "SELECT DISTINCT t.label, t.wnid FROM (SELECT unnest(top_k) AS t FROM latest WHERE status = 'ok') "
         "WHERE lower(t.label) = lower($name) OR t.wnid = $name",
@@ -143,7 +169,7 @@ def search(
         ) WHERE (lower(t.label) = lower($name) OR t.wnid = $name) AND t.score >= $min_score
         ORDER BY t.score DESC, image_id {"LIMIT " + str(int(limit)) if limit else ""}
     """
-    return fetch_arrow(db, sql, {"k": in_top_k, "name": label, "min_score": min_score})
+    return Query(sql, {"k": in_top_k, "name": label, "min_score": min_score})
 
 
 def _unknown_label(db: duckdb.DuckDBPyConnection, label: str) -> str:
@@ -164,6 +190,12 @@ def similar(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> pa.Tab
 
     Exact search: one pass over every stored embedding, inside DuckDB.
     """
+    query = similar_query(db, image_id, k)
+    return fetch_arrow(db, query.sql, query.params)
+
+
+def similar_query(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> Query:
+    """:func:`similar`'s query, not run; raises QueryError for an unknown image or one without an embedding."""
     found = db.execute(
         "SELECT embedding IS NOT NULL, status, array_length(embedding) FROM latest WHERE image_id = $id",
         {"id": image_id},
@@ -173,16 +205,13 @@ def similar(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> pa.Tab
     has_embedding, status, dimension = found[0]
     if not has_embedding:
         raise QueryError(f"{image_id!r} has no embedding (status {status}; or the run stored none)")
-    return fetch_arrow(
-        db,
-        f"""
+    sql = f"""
         WITH query AS (SELECT embedding::FLOAT[{dimension}] AS q FROM latest WHERE image_id = $id)
         SELECT image_id, array_cosine_similarity(embedding::FLOAT[{dimension}], q) AS similarity, label, score, source
         FROM latest, query WHERE embedding IS NOT NULL
         ORDER BY image_id = $id DESC, similarity DESC, image_id LIMIT $k
-        """,
-        {"id": image_id, "k": k},
-    )
+    """
+    return Query(sql, {"id": image_id, "k": k})
 
 
 def fetch_arrow(db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
@@ -190,3 +219,83 @@ def fetch_arrow(db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] 
     with warnings.catch_warnings():  # "an extra copy of the rows": small results here (k rows, matches)
         warnings.simplefilter("ignore", UserWarning)
         return db.execute(sql, params or {}).to_arrow_table()
+
+
+# --- streamed results: files, CSV and JSON lines ------------------------------------------------------------------
+
+FORMATS = ("csv", "json", "parquet")
+BATCH_ROWS = 10_000
+NESTED = ("list", "array", "struct", "map", "union")  # DuckDB type ids CSV cannot hold
+
+
+def relation(
+    db: duckdb.DuckDBPyConnection, query: Query, output_format: str | None = None
+) -> duckdb.DuckDBPyRelation | None:
+    """The query's rows, not yet run: ``to_arrow_reader()`` streams them. A statement that is no query (SET,
+    CREATE) runs now; None when it returns nothing.
+
+    For ``csv`` the nested columns (``top_k``, ``embedding``) are left out: CSV cannot hold them, JSON and Parquet can.
+    """
+    rel = db.sql(query.sql, params=query.params or None)
+    if rel is None or output_format != "csv":
+        return rel
+    flat = [name for name, kind in zip(rel.columns, rel.types, strict=True) if kind.id not in NESTED]
+    if not flat:
+        raise QueryError(f"no column fits in CSV ({', '.join(rel.columns)} are nested): use JSON or Parquet")
+    return rel if len(flat) == len(rel.columns) else rel.project(", ".join(_identifier(name) for name in flat))
+
+
+def export(db: duckdb.DuckDBPyConnection, query: Query, output_format: str, path: Path) -> None:
+    """Every row of the query into ``path`` (csv, json lines or parquet), streamed.
+
+    DuckDB writes the file itself (``COPY ... TO``). A safe connection may not write files: there the rows come out
+    in Arrow batches, written by pyarrow (Parquet) or Python (CSV, JSON lines).
+    """
+    rel = relation(db, query, output_format)
+    if rel is None:
+        raise QueryError("the statement returns no rows to write")
+    if db.execute("SELECT current_setting('enable_external_access')").fetchall() == [(True,)]:
+        rel.create_view("_export")  # parameter values become literals: COPY takes none
+        db.execute(f"COPY _export TO {_literal(str(path))} (FORMAT {output_format})")
+        return
+    import pyarrow.parquet as pq
+
+    with rel.to_arrow_reader(BATCH_ROWS) as reader:
+        if output_format == "parquet":
+            with pq.ParquetWriter(path, reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        else:
+            with Path(path).open("w", encoding="utf-8", newline="") as f:
+                f.writelines(text_lines(reader, output_format))
+
+
+def text_lines(reader: pa.RecordBatchReader, output_format: str) -> Iterator[str]:
+    """CSV (a header, then rows) or JSON lines (one object per row), as text, a batch at a time."""
+    names = reader.schema.names
+    if output_format == "csv":
+        yield _csv_text([names])
+    for batch in reader:
+        if output_format == "csv":
+            yield _csv_text(rows(batch))
+        else:
+            yield "".join(json.dumps(dict(zip(names, row, strict=True)), default=str) + "\n" for row in rows(batch))
+
+
+def rows(batch: pa.RecordBatch) -> Iterator[tuple]:
+    """A batch's rows as tuples (columns in order, so two columns of one name stay two)."""
+    return zip(*(column.to_pylist() for column in batch.columns), strict=True)
+
+
+def _csv_text(records: Iterator[tuple] | list[list[str]]) -> str:
+    sink = io.StringIO()
+    csv.writer(sink, lineterminator="\n").writerows(records)
+    return sink.getvalue()
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -13,10 +13,11 @@ import sys
 from io import BytesIO
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.query import QueryError, connect, fetch_arrow, search, similar
+from pipeline.query import Query, QueryError, connect, export, fetch_arrow, search, similar
 from pipeline.report import report, to_html
 from pipeline.runner import run
 from pipeline.samples import VARIANTS, photo
@@ -234,3 +235,43 @@ def test_printed_values_are_data_never_markup_or_terminal_codes(labeled, tmp_pat
     assert "out \\x1b[31m [/b] :x:: latest result of every image" in reported.stdout
     for result in (value, *found, failed, reported):
         assert "\x1b" not in result.stdout + result.stderr and "\u274c" not in result.stdout  # no ESC, no emoji
+
+
+def test_results_stream_into_files_and_a_table_shows_its_first_rows(labeled, tmp_path):
+    out, many = labeled["out"], "SELECT range AS i FROM range(2000000)"
+    shown = cli("query", out, "SELECT range AS i FROM range(5000)")
+    assert shown.returncode == 0, shown.stderr
+    assert "│ 999 │" in shown.stdout and "│ 1000 │" not in shown.stdout
+    assert "(the first 1,000 rows; more were cut: every row with --format csv|json|parquet -o FILE)" in shown.stdout
+
+    rows = 2_000_000
+    for output_format in ("csv", "json", "parquet"):
+        path = tmp_path / f"it's.{output_format}"  # a quote in the path
+        result = cli("query", out, many, "--format", output_format, "-o", str(path))
+        assert result.returncode == 0, result.stderr
+        if output_format == "parquet":
+            assert pq.read_metadata(path).num_rows == rows
+            continue
+        lines = path.read_text().splitlines()
+        if output_format == "csv":
+            assert lines[:3] == ["i", "0", "1"] and len(lines) == 1 + rows
+        else:
+            assert [json.loads(line) for line in lines[:2]] == [{"i": 0}, {"i": 1}] and len(lines) == rows
+
+    nested = tmp_path / "latest.json"
+    result = cli("query", out, "SELECT image_id, top_k, embedding FROM latest", "--format", "json", "-o", str(nested))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in nested.read_text().splitlines()]  # JSON lines: one object per line
+    assert len(records) == len(labeled["images"]) and {len(r["embedding"] or [0] * 512) for r in records} == {512}
+    flat = tmp_path / "latest.csv"  # CSV leaves out the nested columns
+    result = cli("query", out, "SELECT image_id, top_k, embedding FROM latest", "--format", "csv", "-o", str(flat))
+    assert result.returncode == 0 and flat.read_text().splitlines()[0] == "image_id"
+
+    image = str(labeled["root"] / "in" / "china.jpg")
+    result = cli("similar", out, image, "-k", "3", "--format", "parquet", "-o", str(tmp_path / "similar.parquet"))
+    assert result.returncode == 0, result.stderr
+    with connect(out) as db:
+        expected = similar(db, image, k=3).column("image_id").to_pylist()
+        export(db, Query("SELECT $v AS v", {"v": "it's [/b]"}), "csv", tmp_path / "value.csv")
+    assert pq.read_table(tmp_path / "similar.parquet").column("image_id").to_pylist() == expected
+    assert (tmp_path / "value.csv").read_text() == "v\nit's [/b]\n"  # parameter values reach COPY as values
