@@ -196,11 +196,11 @@ MaxRowsOption = typer.Option(
 )
 
 
-def _connect(output: str):
+def _connect(output: str, safe: bool = False):
     from pipeline.query import connect
 
     try:
-        return connect(output)
+        return connect(output, safe=safe)
     except Exception as error:
         raise _fail(f"cannot read {output}: {error}") from None
 
@@ -285,11 +285,20 @@ def query(
     output_format: str = FormatOption,
     output_file: Path | None = OutputFileOption,
     max_rows: int = MaxRowsOption,
+    safe: bool = typer.Option(
+        False,
+        "--safe",
+        help="Read-only SQL: the views and nothing else (no files, URLs, ATTACH, INSTALL or SET); -o still writes.",
+    ),
 ) -> None:
-    """SQL over the committed runs of an output (DuckDB). Uncommitted and crashed runs are never seen."""
+    """SQL over the committed runs of an output (DuckDB). Uncommitted and crashed runs are never seen.
+
+    The SQL runs as given, with this user's access to files (read_csv, COPY, ATTACH) and extensions (INSTALL):
+    for SQL from someone else, as behind a service, use --safe.
+    """
     from pipeline.query import Query
 
-    with _connect(output) as db:
+    with _connect(output, safe) as db:
         _emit(db, Query(sql), output_format, output_file, max_rows)
 
 

@@ -9,7 +9,9 @@ Views (only committed runs are ever seen: every file is taken from a manifest, n
 ``runs``         one row per committed run, from the manifests, in commit order (``seq``)
 ``shards``       the shards each run processed, with their ETag, size and row count
 
-Files are read through fsspec (s3fs, gcsfs, ...), so DuckDB needs no extension and no download.
+Files are read through fsspec (s3fs, gcsfs, ...), so DuckDB needs no extension and no download. The SQL asked is
+run as given, file functions (``read_csv``, ``COPY``, ``ATTACH``, ``INSTALL``) included; ``connect(..., safe=True)``
+shuts DuckDB off from files, URLs and extensions once the views are registered, for SQL that comes from elsewhere.
 
 Results stream (:func:`export`, :func:`relation`): DuckDB writes files itself (``COPY ... TO``), and readers get
 Arrow record batches, so no result is ever held whole in memory.
@@ -49,8 +51,22 @@ SELECT p.* FROM predictions p SEMI JOIN winners w ON p.image_id = w.image_id AND
 """
 
 
-def connect(output: str | OutputLocation, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the views above registered over ``output``'s committed runs."""
+SAFE_SETTINGS = (
+    "SET enable_external_access = false",  # no file, URL or database: read_csv, COPY, ATTACH, INSTALL, glob fail
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET lock_configuration = true",  # last: no SET can undo the above
+)
+
+
+def connect(
+    output: str | OutputLocation, storage_options: dict | None = None, *, safe: bool = False
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views above registered over ``output``'s committed runs.
+
+    ``safe``: the connection reads the views and nothing else. The views read Arrow datasets that Python opened, so
+    they work on; every file, URL, database and extension DuckDB would open itself is refused, and so is any SET.
+    """
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
     manifests = read_manifests(location)
     db = duckdb.connect()
@@ -62,6 +78,9 @@ def connect(output: str | OutputLocation, storage_options: dict | None = None) -
     db.execute("CREATE VIEW shards AS SELECT * FROM _shards")
     db.execute(LATEST)
     db.execute("CREATE VIEW errors AS SELECT * FROM latest WHERE status = 'error'")
+    if safe:
+        for setting in SAFE_SETTINGS:
+            db.execute(setting)
     return db
 
 

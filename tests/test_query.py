@@ -244,19 +244,20 @@ def test_results_stream_into_files_and_a_table_shows_its_first_rows(labeled, tmp
     assert "│ 999 │" in shown.stdout and "│ 1000 │" not in shown.stdout
     assert "(the first 1,000 rows; more were cut: every row with --format csv|json|parquet -o FILE)" in shown.stdout
 
-    rows = 2_000_000
-    for output_format in ("csv", "json", "parquet"):
-        path = tmp_path / f"it's.{output_format}"  # a quote in the path
-        result = cli("query", out, many, "--format", output_format, "-o", str(path))
-        assert result.returncode == 0, result.stderr
-        if output_format == "parquet":
-            assert pq.read_metadata(path).num_rows == rows
-            continue
-        lines = path.read_text().splitlines()
-        if output_format == "csv":
-            assert lines[:3] == ["i", "0", "1"] and len(lines) == 1 + rows
-        else:
-            assert [json.loads(line) for line in lines[:2]] == [{"i": 0}, {"i": 1}] and len(lines) == rows
+    for safe, rows in (([], 2_000_000), (["--safe"], 200_000)):  # DuckDB's COPY; Arrow batches (may not COPY)
+        sql = many.replace("2000000", str(rows))
+        for output_format in ("csv", "json", "parquet"):
+            path = tmp_path / f"it's {len(safe)}.{output_format}"  # a quote in the path
+            result = cli("query", out, sql, "--format", output_format, "-o", str(path), *safe)
+            assert result.returncode == 0, result.stderr
+            if output_format == "parquet":
+                assert pq.read_metadata(path).num_rows == rows
+                continue
+            lines = path.read_text().splitlines()
+            if output_format == "csv":
+                assert lines[:3] == ["i", "0", "1"] and len(lines) == 1 + rows
+            else:
+                assert [json.loads(line) for line in lines[:2]] == [{"i": 0}, {"i": 1}] and len(lines) == rows
 
     nested = tmp_path / "latest.json"
     result = cli("query", out, "SELECT image_id, top_k, embedding FROM latest", "--format", "json", "-o", str(nested))
@@ -275,3 +276,27 @@ def test_results_stream_into_files_and_a_table_shows_its_first_rows(labeled, tmp
         export(db, Query("SELECT $v AS v", {"v": "it's [/b]"}), "csv", tmp_path / "value.csv")
     assert pq.read_table(tmp_path / "similar.parquet").column("image_id").to_pylist() == expected
     assert (tmp_path / "value.csv").read_text() == "v\nit's [/b]\n"  # parameter values reach COPY as values
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "COPY (SELECT 1) TO '{tmp}/x.csv'",
+        "ATTACH '{tmp}/x.db'",
+        "INSTALL httpfs",
+        "SET enable_external_access = true",
+    ],
+)
+def test_safe_queries_read_the_views_and_nothing_else(labeled, tmp_path, sql):
+    result = cli("query", labeled["out"], sql.format(tmp=tmp_path), "--safe")
+    assert result.returncode == 2 and result.stderr.startswith("query failed: "), result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safe_queries_still_read_every_view(labeled):
+    views = "SELECT (SELECT count(*) FROM latest) AS n, (SELECT count(*) FROM runs JOIN shards USING (run_id)) AS s"
+    result = cli("query", labeled["out"], views, "--safe", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["n"] == len(labeled["images"])
