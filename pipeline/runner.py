@@ -217,10 +217,10 @@ def run(
             discard(location, run_id)
             raise
         except BaseException:
-            # Rows and progress written so far (a crash, Ctrl-C) are kept for the next run with the same work to
-            # adopt; a run that got nowhere leaves nothing.
+            # Rows written so far (a crash, Ctrl-C) are kept for the next run with the same work to adopt; a run
+            # that wrote no rows leaves nothing (its progress records alone give a rerun nothing to adopt).
             with contextlib.suppress(Exception):
-                if not staged_files(location, run_id) and not read_progress(location, run_id):
+                if not staged_files(location, run_id):
                     discard(location, run_id)
             raise
 
