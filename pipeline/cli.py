@@ -166,25 +166,20 @@ def retry_failed_command(
     Credentials are not stored in manifests: they come from the environment, or give them with --set.
     """
     _quiet_tensorflow()
+    from pipeline.credentials import without_redacted
     from pipeline.runs import OutputLocation, read_manifests
-    from pipeline.spec import REDACTED, SpecError, parse_spec
+    from pipeline.spec import SpecError, parse_spec
 
     manifests = read_manifests(OutputLocation.open(output))
     if not manifests:
         raise _fail(f"{output}: no committed run to retry (nothing under _runs/)")
-    document = _without_redacted(manifests[-1]["spec"], REDACTED)
+    document = without_redacted(manifests[-1]["spec"])
     document["output"]["url"] = output
     try:
         spec = parse_spec(document, overrides)
     except SpecError as error:
         raise _fail(str(error)) from None
     _summary(_run_job(spec, address, quiet, retry_failed=True))
-
-
-def _without_redacted(value, redacted: str):
-    if isinstance(value, dict):
-        return {k: _without_redacted(v, redacted) for k, v in value.items() if v != redacted}
-    return value
 
 
 FormatOption = typer.Option("table", "--format", help="table | csv | json | parquet (parquet needs --output).")
@@ -627,17 +622,15 @@ def render_command(
     """Kubernetes (KubeRay) or Ray cluster-launcher manifests for a job spec; credentials are never written."""
     import shlex
 
+    from pipeline.credentials import redact_assignment
     from pipeline.render import load_cluster, render
-    from pipeline.spec import REDACTED, SECRET_KEY, load_spec
+    from pipeline.spec import load_spec
 
-    def shown(assignment: str) -> str:  # the command goes into the file: no credential values in it
-        key, sep, _ = assignment.partition("=")
-        return f"{key}={REDACTED}" if sep and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else assignment
-
+    # the command goes into the file: no credential values in it
     words = ["resnet-pipeline", "render", str(spec_path), "--target", target]
-    words += [w for o in overrides for w in ("--set", shown(o))]
+    words += [w for o in overrides for w in ("--set", redact_assignment(o))]
     words += ["--cluster", str(cluster_file)] if cluster_file else []
-    words += [w for o in cluster_overrides for w in ("--cluster-set", shown(o))]
+    words += [w for o in cluster_overrides for w in ("--cluster-set", redact_assignment(o))]
     words += ["--schedule", schedule] if schedule else []
     words += ["--time-zone", time_zone] if time_zone else []
     settings = list(cluster_overrides)

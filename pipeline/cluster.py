@@ -4,8 +4,8 @@
 the project installed, a copy of this ``pipeline`` package; its entrypoint is ``python -m pipeline run job.yaml``,
 which runs as the driver on the head node and joins that cluster (Ray sets ``RAY_ADDRESS`` for it).
 
-Credentials never travel in the entrypoint or the shipped spec. A spec with credential-like storage options (the keys
-that ``pipeline.spec`` redacts) is refused: Ray writes a job's runtime_env in plain text to the head's logs
+Credentials never travel in the entrypoint or the shipped spec. A spec with credential-like storage options (see
+:mod:`pipeline.credentials`) is refused: Ray writes a job's runtime_env in plain text to the head's logs
 (``runtime_env_agent.log``, readable by every user of the head and any log collector), so the cluster gets storage
 access from its own identity or the storage Secret (infra/README.md). With ``send_credentials`` (``submit
 --send-credentials``) they are taken out of the spec and sent as ``FSSPEC_<PROTOCOL>`` variables in the job's
@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.spec import SECRET_KEY, JobSpec
+from pipeline.credentials import holds_secret
+from pipeline.spec import JobSpec
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -106,14 +107,6 @@ def _locations(spec: JobSpec) -> dict[str, str]:
     return {"input": spec.input.url, "output": spec.output.url, "model": model}
 
 
-def _has_secret(value: Any, key: str = "") -> bool:
-    if SECRET_KEY.search(key) and value not in (None, ""):
-        return True
-    if isinstance(value, dict):
-        return any(_has_secret(v, str(k)) for k, v in value.items())
-    return isinstance(value, list) and any(_has_secret(v) for v in value)
-
-
 def split_credentials(spec: JobSpec) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """The spec as a document with no credentials, the ``FSSPEC_<PROTOCOL>`` variables that carry them, and the
     dotted names of the options taken out.
@@ -133,7 +126,7 @@ def split_credentials(spec: JobSpec) -> tuple[dict[str, Any], dict[str, str], li
         options = document.get(section, {}).get("storage_options", {})
         protocol = get_protocol(url)
         config = per_protocol.setdefault(protocol, {})
-        for key in [k for k, v in options.items() if _has_secret(v, k)]:
+        for key in [k for k, v in options.items() if holds_secret(v, k)]:
             value = options.pop(key)
             if config.setdefault(key, value) != value:
                 raise ClusterInputError(

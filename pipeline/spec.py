@@ -3,24 +3,21 @@
 Every stage receives the part of the spec it needs. Validation happens once, before any work; an error names the
 field (``inference.batch_size``) and the value received. Credentials belong in the environment (or the cloud's
 workload identity); any that do appear in ``storage_options`` are passed to fsspec but redacted wherever the spec
-is written out.
+is written out (:mod:`pipeline.credentials`).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.credentials import redact
 from pipeline.model.variants import DEPTHS, embedding_dim
 
 Depth = Literal[tuple(DEPTHS)]  # 18, 34, 50, 101, 152
-
-SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|private|^key$|access_key|account_key|sas", re.I)
-REDACTED = "***"
 
 
 class SpecError(ValueError):
@@ -127,16 +124,6 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as plain data with every credential-like storage option replaced by ``***``."""
         return redact(self.model_dump(mode="json"))
-
-
-def redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def apply_override(document: dict[str, Any], assignment: str) -> None:

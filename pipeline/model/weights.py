@@ -15,11 +15,12 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import h5py
 import numpy as np
+
+from pipeline.credentials import redact_url  # also imported from here: factory, runner, incremental
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 
@@ -66,17 +67,6 @@ def weights_cache_dir() -> Path:
 
 def _keras_cache_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def redact_url(url: str) -> str:
-    """The URL without user-info (``s3://KEY:SECRET@bucket`` is valid fsspec and must never be recorded)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _md5(path: Path) -> str:
