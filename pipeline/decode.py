@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import operator
-import time
 from typing import Literal
 
 import numpy as np
@@ -141,99 +139,3 @@ def decode(
         raise
     except Exception as error:  # truncated files often fail only here, when pixels are read
         raise DecodeError(f"corrupt image data: {error}") from error
-
-
-def decode_shards(
-    batch: dict[str, np.ndarray],
-    *,
-    input_options: dict,
-    preprocessing: Preprocessing,
-    image_size: int,
-    max_pixels: int,
-    rows_per_batch: int = 64,
-    timer=None,
-    progress: dict | None = None,
-):
-    """Ray Data stage: shard descriptions in, batches of decoded rows out (uint8 pixels, or an error reason).
-
-    Every record becomes exactly one row. Error rows carry zero pixels so every batch has one tensor shape; "no
-    error" is "" and an unknown size is -1 (the predictor turns both into nulls). A task entry may carry ``only``:
-    the image ids to read again (retrying failed images). A task that begins after the driver asked the run to stop
-    (``timer.request_stop``) reads nothing. When all shards of a task are read, the number of rows
-    each gave is recorded under ``progress`` (see :func:`pipeline.runs.record_progress`): a rerun after a crash
-    uses it to tell finished shards from half-written ones.
-    """
-    from pipeline.runs import record_progress
-    from pipeline.sources import Shard, read_shard
-
-    rows: list[tuple] = []
-    read_seconds = decode_seconds = 0.0
-    began = time.time()
-
-    def flush():
-        nonlocal rows
-        pixels = np.zeros((len(rows), image_size, image_size, 3), np.uint8)
-        for i, row in enumerate(rows):
-            if row[5] is not None:
-                pixels[i] = row[5]
-        out = {
-            "image_id": np.array([r[0] for r in rows], dtype=object),
-            "source": np.array([r[1] for r in rows], dtype=object),
-            "status": np.array(["ok" if r[2] is None else "error" for r in rows], dtype=object),
-            "error": np.array([r[2] or "" for r in rows], dtype=object),  # "" not None: no all-null column
-            "width": np.array([r[3] for r in rows], dtype=np.int32),
-            "height": np.array([r[4] for r in rows], dtype=np.int32),
-            "pixels": pixels,
-        }
-        rows = []
-        return out
-
-    for task in batch["shards"]:
-        if _stop_requested(timer):
-            continue  # the run is stopping: shards not begun are left whole for the rerun
-        done = []
-        for entry in json.loads(task):
-            only = entry.pop("only", None)
-            shard = Shard(**entry)
-            records = read_shard(shard, input_options, only=None if only is None else set(only))
-            count = 0
-            while True:
-                started = time.perf_counter()
-                record = next(records, None)
-                read_seconds += time.perf_counter() - started
-                if record is None:
-                    break
-                count += 1
-                started = time.perf_counter()
-                if record.error is not None:
-                    rows.append((record.image_id, record.source, record.error, -1, -1, None))
-                else:
-                    try:
-                        pixels, width, height = decode(record.data, preprocessing, max_pixels, image_size)
-                        rows.append((record.image_id, record.source, None, width, height, pixels))
-                    except Exception as error:  # a bad image is a row with a reason, never a dead job
-                        reason = str(error) if isinstance(error, DecodeError) else f"{type(error).__name__}: {error}"
-                        rows.append((record.image_id, record.source, reason, -1, -1, None))
-                decode_seconds += time.perf_counter() - started
-                if len(rows) >= rows_per_batch:
-                    yield flush()
-            done.append({**shard.to_dict(), "rows": count, "partial": only is not None})
-        if progress is not None:
-            record_progress(progress, task, done)
-    if rows:
-        yield flush()
-    if timer is not None:
-        timer.add.remote("read", read_seconds, 0)
-        timer.add.remote("decode", decode_seconds, 0, (began, time.time()))
-
-
-def _stop_requested(timer) -> bool:
-    """Whether the driver asked the run to stop; a timer that cannot be asked (lost with its node) says no."""
-    if timer is None:
-        return False
-    import ray
-
-    try:
-        return ray.get(timer.stop_requested.remote(), timeout=30)
-    except Exception:
-        return False

@@ -34,7 +34,7 @@ from pipeline.runs import (
     read_table,
     staged_files,
 )
-from pipeline.sources import Shard, unreadable_id
+from pipeline.sources import Shard, ShardRead, unreadable_id
 from pipeline.spec import JobSpec
 from pipeline.storage import version_of, with_retries, write_bytes
 
@@ -81,11 +81,11 @@ def _version(shard: dict[str, Any] | Shard) -> tuple:
 
 @dataclass
 class Plan:
-    """The shard entries to read (each ``Shard.to_dict()``, with ``only`` when just some images are wanted)."""
+    """The shards to read (all of each, or just some of its images), and what a crashed run already did."""
 
     mode: Mode
     listed: int
-    entries: list[dict[str, Any]]
+    reads: list[ShardRead]
     skipped: int = 0  # already covered by a committed run
     adopted_shards: list[dict[str, Any]] = field(default_factory=list)
     adopted_from: list[str] = field(default_factory=list)
@@ -94,7 +94,7 @@ class Plan:
         return {
             "mode": self.mode,
             "listed": self.listed,
-            "to_read": len(self.entries),
+            "to_read": len(self.reads),
             "skipped_unchanged": self.skipped,
             "adopted": len(self.adopted_shards),
             "adopted_from": self.adopted_from,
@@ -105,10 +105,10 @@ def plan_run(spec: JobSpec, shards: list[Shard], location: OutputLocation, key: 
     """Full or incremental: the listed shards, less those a committed run already processed."""
     mode = "incremental" if spec.incremental and not full else "full"
     if mode == "full":
-        return Plan(mode, len(shards), [s.to_dict() for s in shards])
+        return Plan(mode, len(shards), [ShardRead(s) for s in shards])
     covered = covered_shards(location, key)
     todo = [s for s in shards if covered.get(s.url) != _version(s)]
-    return Plan(mode, len(shards), [s.to_dict() for s in todo], skipped=len(shards) - len(todo))
+    return Plan(mode, len(shards), [ShardRead(s) for s in todo], skipped=len(shards) - len(todo))
 
 
 def covered_shards(location: OutputLocation, key: str) -> dict[str, tuple]:
@@ -130,42 +130,40 @@ def plan_retry(shards: list[Shard], location: OutputLocation) -> Plan:
     wanted: dict[str, set[str]] = defaultdict(set)
     for source, image_id in failed:
         wanted[source].add(image_id)
-    entries = []
+    reads = []
     for shard in shards:
         ids = wanted.get(shard.url)
         if not ids:
             continue
-        if unreadable_id(shard) in ids:  # the shard itself failed: read it whole
-            entries.append(shard.to_dict())
-        else:
-            entries.append({**shard.to_dict(), "only": sorted(ids)})
-    return Plan("retry-failed", len(shards), entries, skipped=len(shards) - len(entries))
+        # A shard that itself failed is read whole.
+        reads.append(ShardRead(shard) if unreadable_id(shard) in ids else ShardRead(shard, frozenset(ids)))
+    return Plan("retry-failed", len(shards), reads, skipped=len(shards) - len(reads))
 
 
 def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: Plan, run_id: str) -> None:
     """Take over the finished shards of the newest crashed run with this work key (see the module docstring).
 
-    Shards it finished that this plan still wants, at the same version, are removed from ``plan.entries`` and their
+    Shards it finished that this plan still wants, at the same version, are removed from ``plan.reads`` and their
     rows copied into ``run_id``'s staging. A crashed run that vanishes meanwhile (adopted and committed by another
     run) is simply not adopted.
     """
     candidate = next((run for run in crashed if run.key == key), None)
-    if candidate is None or not plan.entries:
+    if candidate is None or not plan.reads:
         return
-    wanted = {json.dumps(_without_only(e), sort_keys=True): e for e in plan.entries}
+    wanted = {read.shard: read for read in plan.reads}
     try:
         progress = read_progress(location, candidate.run_id)
         done = {}
         for entry in progress.values():
-            match = wanted.get(json.dumps(_without_only(entry), sort_keys=True))
-            if match is not None and bool(entry.get("partial")) == ("only" in match):
+            match = wanted.get(Shard.from_record(entry))
+            if match is not None and bool(entry.get("partial")) == (match.only is not None):
                 done[entry["url"]] = entry
         if not done:
             return
         copied = _copy_rows(location, candidate.run_id, done, run_id)
     except FileNotFoundError:
         return
-    plan.entries = [e for e in plan.entries if e["url"] not in copied]
+    plan.reads = [read for read in plan.reads if read.shard.url not in copied]
     plan.adopted_shards = [done[url] for url in sorted(copied)]
     plan.adopted_from = [candidate.run_id]
     # Recorded like a read task's progress, so that a crash of this run can be adopted in turn.
@@ -174,10 +172,6 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
         location.path("_staging", run_id, "_progress", f"adopted-{candidate.run_id}.json"),
         json.dumps(plan.adopted_shards).encode(),
     )
-
-
-def _without_only(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: entry.get(k) for k in ("url", "format", "size", "etag")}
 
 
 def _copy_rows(location: OutputLocation, source_run: str, done: dict[str, dict], run_id: str) -> set[str]:

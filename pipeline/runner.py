@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from pipeline.runs import (
     staged_files,
 )
 from pipeline.sink import arrow_filesystem, row_bytes, rows_per_file
-from pipeline.sources import InputError, Shard, check_columns, list_shards
+from pipeline.sources import InputError, ReadTask, Shard, ShardRead, check_columns, list_shards
 from pipeline.spec import JobSpec
 from pipeline.storage import is_within
 
@@ -83,19 +82,19 @@ class RunResult:
         return self.rows / self.wall_seconds if self.wall_seconds else 0.0
 
 
-def _read_tasks(entries: list[dict[str, Any]], files_per_task: int) -> list[str]:
+def _read_tasks(reads: list[ShardRead], files_per_task: int) -> list[ReadTask]:
     """One task per container shard; single image files grouped ``files_per_task`` at a time."""
     tasks, files = [], []
-    for entry in entries:
-        if entry["format"] == "images":
-            files.append(entry)
+    for read in reads:
+        if read.shard.format == "images":
+            files.append(read)
             if len(files) == files_per_task:
-                tasks.append(json.dumps(files))
+                tasks.append(ReadTask(tuple(files)))
                 files = []
         else:
-            tasks.append(json.dumps([entry]))
+            tasks.append(ReadTask((read,)))
     if files:
-        tasks.append(json.dumps(files))
+        tasks.append(ReadTask(tuple(files)))
     return tasks
 
 
@@ -200,7 +199,7 @@ def run(
         plan = plan_retry(shards, location) if retry_failed else plan_run(spec, shards, location, key, full=full)
         adopt(location, crashed, key, plan, run_id)
         listed = time.perf_counter()
-        if not plan.entries and not plan.adopted_shards:
+        if not plan.reads and not plan.adopted_shards:
             discard(location, run_id)
             return RunResult(run_id, location.url(), None, 0, 0, 0, time.perf_counter() - started, plan=plan.summary())
         try:
@@ -263,9 +262,9 @@ def run(
 def _execute(
     spec: JobSpec, plan: Plan, location: OutputLocation, run_id: str, progress: bool, address: str | None
 ) -> tuple[dict[str, Any], list[dict], bool]:
-    """Run the Ray plan over ``plan.entries``, writing into the run's staging folder. Returns stage times, actors,
+    """Run the Ray plan over ``plan.reads``, writing into the run's staging folder. Returns stage times, actors,
     and whether a first Ctrl-C stopped it early."""
-    if not plan.entries:
+    if not plan.reads:
         return {}, [], False
     started = time.perf_counter()
     _init_ray(address)
@@ -292,7 +291,7 @@ def _execute(
     timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
     try:
         with _first_interrupt_stops(timer) as stopped:
-            _plan(spec, plan.entries, location, run_id, timer).write_parquet(
+            _plan(spec, plan.reads, location, run_id, timer).write_parquet(
                 location.staging(run_id),
                 filesystem=arrow_filesystem(location.fs),
                 min_rows_per_file=target_rows,
@@ -468,10 +467,10 @@ def _check_complete(
     stopped early (``stopped``) is not committed either unless, the stop coming late, it read everything.
     """
     records = read_progress(location, run_id)
-    missing = [entry["url"] for entry in plan.entries if entry["url"] not in records]
+    missing = [read.shard.url for read in plan.reads if read.shard.url not in records]
     if stopped and missing:
         raise RunStopped(
-            f"run {run_id} stopped: {len(plan.entries) - len(missing)} of {len(plan.entries)} shards read and "
+            f"run {run_id} stopped: {len(plan.reads) - len(missing)} of {len(plan.reads)} shards read and "
             "written, nothing committed; rerun the same command to finish (it adopts them)"
         )
     expected = sum(record["rows"] for record in records.values())
@@ -483,19 +482,19 @@ def _check_complete(
     return sorted(records.values(), key=lambda record: record["url"])
 
 
-def _plan(spec: JobSpec, entries: list[dict[str, Any]], location: OutputLocation, run_id: str, timer):
-    """The Ray Data plan: shard descriptions -> decode tasks -> predictor actor pool."""
+def _plan(spec: JobSpec, reads: list[ShardRead], location: OutputLocation, run_id: str, timer):
+    """The Ray Data plan: read tasks -> read and decode on CPU tasks -> predictor actor pool."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.decode import decode_shards
     from pipeline.predict import Predictor
+    from pipeline.reader import read_and_decode
 
-    tasks = _read_tasks(entries, spec.input.files_per_task)
+    tasks = _read_tasks(reads, spec.input.files_per_task)
     return (
-        ray.data.from_items([{"shards": task} for task in tasks], override_num_blocks=len(tasks))
+        ray.data.from_items([{"task": task.to_record()} for task in tasks], override_num_blocks=len(tasks))
         .map_batches(
-            decode_shards,
+            read_and_decode,
             batch_size=1,
             num_cpus=spec.decode.cpus_per_task,
             fn_kwargs={

@@ -22,7 +22,6 @@ progress, which the next run with the same work adopts (:mod:`pipeline.increment
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -200,11 +199,10 @@ def read_lease(location: OutputLocation, run_id: str) -> dict | None:
 # --- progress: which shards a run has finished reading ---
 
 
-def record_progress(progress: dict[str, Any], task: str, shards: list[dict[str, Any]]) -> None:
+def record_progress(progress: dict[str, Any], task_key: str, shards: list[dict[str, Any]]) -> None:
     """Called by a read task when all its shards are read: how many rows each one gave."""
     fs, folder = fsspec.core.url_to_fs(progress["url"], **(progress.get("storage_options") or {}))
-    name = hashlib.sha1(task.encode()).hexdigest()[:20]
-    write_bytes(fs, f"{folder.rstrip('/')}/{name}.json", json.dumps(shards).encode())
+    write_bytes(fs, f"{folder.rstrip('/')}/{task_key}.json", json.dumps(shards).encode())
 
 
 def read_progress(location: OutputLocation, run_id: str) -> dict[str, dict[str, Any]]:

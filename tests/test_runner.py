@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 
-from pipeline.runner import MAX_AUTO_BATCHES_PER_ACTOR, _batches_per_actor, _buffer_bytes
+from pipeline.runner import MAX_AUTO_BATCHES_PER_ACTOR, _batches_per_actor, _buffer_bytes, _read_tasks
 from pipeline.sink import row_bytes
+from pipeline.sources import ReadTask, Shard, ShardRead
 from pipeline.spec import parse_spec
 
 PIXELS = 224 * 224 * 3
@@ -62,3 +63,19 @@ def test_stage_span_runs_from_the_first_start_to_the_last_end_whatever_order_rep
     totals = timer.totals()
     assert totals["predict"] == {"seconds": 10.5, "items": 80, "started_s": 10.0, "span_seconds": 8.0}
     assert totals["read"] == {"seconds": 1.0, "items": 0}
+
+
+def test_read_tasks_group_image_files_and_keep_container_shards_alone():
+    files = [ShardRead(Shard(f"/in/{i}.jpg", "images", 10, "e")) for i in range(5)]
+    tar = ShardRead(Shard("/in/a.tar", "webdataset", 99, None), frozenset({"/in/a.tar#k1", "/in/a.tar#k0"}))
+    tasks = _read_tasks([*files[:3], tar, *files[3:]], files_per_task=2)
+    assert [[read.shard.url for read in task.reads] for task in tasks] == [
+        ["/in/0.jpg", "/in/1.jpg"],
+        ["/in/a.tar"],
+        ["/in/2.jpg", "/in/3.jpg"],
+        ["/in/4.jpg"],
+    ]
+    for task in tasks:  # as they travel through Ray Data and back
+        assert ReadTask.from_record(task.to_record()) == task
+    assert tasks[1].reads[0].done(7) == {**tar.shard.to_dict(), "rows": 7, "partial": True}
+    assert len({task.key for task in tasks}) == len(tasks)

@@ -6,9 +6,10 @@ file. Listing goes through fsspec, so any store it knows works; work is split pe
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import fsspec
@@ -33,6 +34,53 @@ class Shard:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Shard:
+        """The shard a progress or shards record describes (it may hold more: rows, partial)."""
+        return cls(**{field.name: record.get(field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ShardRead:
+    """A shard to read: all of it, or just the images whose ids are in ``only`` (retrying failed ones)."""
+
+    shard: Shard
+    only: frozenset[str] | None = None
+
+    def done(self, rows: int) -> dict[str, Any]:
+        """Its progress record once read to its end (plain data, kept as JSON)."""
+        return {**self.shard.to_dict(), "rows": rows, "partial": self.only is not None}
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """What one read task reads: a container shard, or a group of image files."""
+
+    reads: tuple[ShardRead, ...]
+
+    @property
+    def key(self) -> str:
+        """Names the task's progress record: the same shards, the same name."""
+        return hashlib.sha1("\n".join(read.shard.url for read in self.reads).encode()).hexdigest()[:20]
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain data, as it travels through Ray Data (an Arrow list of structs, not a pickled object)."""
+        return {
+            "reads": [
+                {**read.shard.to_dict(), "only": None if read.only is None else sorted(read.only)}
+                for read in self.reads
+            ]
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ReadTask:
+        return cls(
+            tuple(
+                ShardRead(Shard.from_record(read), None if read["only"] is None else frozenset(read["only"]))
+                for read in record["reads"]
+            )
+        )
 
 
 @dataclass(frozen=True)
