@@ -14,7 +14,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "***"
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|private|^key$|access_key|account_key|sas", re.I)
+_SECRET_KEY = re.compile(
+    r"secret|token|password|passwd|credential|private|^key$|access_key|account_key|api_key|connection_string|sas", re.I
+)  # connection_string: Azure's holds AccountKey=...
 
 
 def is_secret_key(name: str) -> bool:

@@ -63,7 +63,7 @@ def work_key(spec: JobSpec) -> tuple[str, dict[str, Any]]:
 
 def _identity(url: str, storage_options: dict) -> str:
     """A file's URL with its version (ETag, else modification time) and size: another file, another key."""
-    from pipeline.model.weights import redact_url
+    from pipeline.credentials import redact_url
 
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)

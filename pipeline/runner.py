@@ -536,7 +536,7 @@ def _plan(spec: JobSpec, reads: list[ShardRead], location: OutputLocation, run_i
 
 
 def _model_record(spec: JobSpec) -> dict[str, Any]:
-    from pipeline.model.weights import redact_url
+    from pipeline.credentials import redact_url
 
     weights = spec.model.weights
     return {

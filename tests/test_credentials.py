@@ -51,6 +51,8 @@ DOCUMENT = {
         "account_key",
         "sas_token",
         "SAS",
+        "api_key",
+        "connection_string",  # adlfs: "DefaultEndpointsProtocol=https;AccountName=...;AccountKey=..."
     ],
 )
 def test_credential_like_names(name):

@@ -6,6 +6,7 @@ from functools import partial
 
 import keras
 
+from pipeline.credentials import redact_url
 from pipeline.model.resnet import build_resnet
 from pipeline.model.weights import (
     WeightsInfo,
@@ -14,7 +15,6 @@ from pipeline.model.weights import (
     load_weights_file,
     local_copy,
     randomize,
-    redact_url,
 )
 
 

@@ -20,7 +20,7 @@ import fsspec
 import h5py
 import numpy as np
 
-from pipeline.credentials import redact_url  # also imported from here: factory, runner, incremental
+from pipeline.credentials import redact_url
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 
