@@ -161,7 +161,8 @@ def _init_ray(address: str | None) -> None:
         # Cluster images set it in their Dockerfiles.
         os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
         # Ray's log monitor lists the log folder every 0.1 s while it holds under this many files, and every 0.5 s
-        # beyond: 1.1 % of a core against 0.5 %, taken from the model on a 2-core machine (RESULTS.md, eighth round).
+        # beyond: 1.1 % of a core against 0.5 %, taken from the model on a 2-core machine (RESULTS.md, "Ray's log
+        # monitor lists its folder every 0.5 s").
         os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
     ray.init(
         # "local": a private cluster of our own. None would join any cluster `ray start` left on this machine (found
@@ -424,7 +425,7 @@ def _batches_per_actor(spec: JobSpec, node_cpus: int) -> int:
     """``inference.batches_per_actor``, or when 0 what suits the actor: a GPU runs one batch at a time. On a CPU
     one forward pass leaves cores idle at every op's end (its threads wait for the slowest) and between ops;
     one batch per compute thread, run side by side on the same model, fills them. On 2 cores that is 1,200 images
-    in 185-195 s against 202 s for one batch at a time (``benchmarks/RESULTS.md``, fifth round), with one model's
+    in 185-195 s against 202 s for one batch at a time (README, Performance, "On CPU-only nodes"), with one model's
     start-up and memory, where one actor per core pays both per core.
     """
     chosen = spec.inference.batches_per_actor
