@@ -250,4 +250,4 @@ class Predictor:
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
         }
-        return pa.Table.from_arrays(list(columns.values()), schema=self.schema)
+        return pa.Table.from_pydict(columns, schema=self.schema)  # by name: the order is the schema's
