@@ -77,6 +77,25 @@ def stop_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def processes_of_session(driver_pid: int, seconds: float) -> list[str]:
+    """The processes of the local Ray cluster a driver started (its session is named after the driver's pid) that
+    are still running after up to ``seconds``."""
+    import psutil
+
+    session = re.compile(rf"session_[0-9_-]+_{driver_pid}\b")
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for process in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(process.info["cmdline"] or ())
+                if session.search(command):
+                    alive.append(command[:160])
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
 def committed_rows(output: str, storage_options: dict | None = None) -> list[dict]:
     with connect(output, storage_options) as db:
         return [
@@ -105,6 +124,7 @@ def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its
                 break
             time.sleep(0.05)
         assert driver.poll() is None, f"the run ended before it could be killed:\n{driver.communicate()[1][-2000:]}"
+        assert processes_of_session(driver.pid, seconds=0)  # its local cluster, as this test finds it
         driver.send_signal(signal.SIGKILL)  # the driver only: what its cluster still runs is left to itself
         driver.communicate()
         slow_store.delay = 0
@@ -112,6 +132,8 @@ def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its
         time.sleep(3)  # anything the dead driver's cluster still had in flight
         assert not (out / "_runs").exists() and committed_rows(str(out)) == []  # nothing visible
         (crashed,) = [p.name for p in staging.iterdir()]
+        # The dead driver's local cluster goes with it (Ray's fate sharing): no process of its session lingers.
+        assert processes_of_session(driver.pid, seconds=30) == []
 
         stop_group(driver)
         rerun = cli("run", str(spec), "--quiet")
