@@ -175,15 +175,15 @@ def pipeline_run(images: int, precision: str, batch_size: int, actors: int, budg
     result = runner.run(spec, progress=False)
     wall = time.perf_counter() - started
     location = OutputLocation.open(str(workdir / "out"))
-    (manifest,) = [m for m in read_manifests(location) if m["run_id"] == result.run_id]
+    (manifest,) = [m for m in read_manifests(location) if m.run_id == result.run_id]
     times = pc.cast(
-        pq.read_table([location.path(f) for f in manifest["files"]], columns=["processed_at"])["processed_at"],
+        pq.read_table([location.path(f) for f in manifest.files], columns=["processed_at"])["processed_at"],
         "int64",
     )  # microseconds; one value per batch
     low, high = (float(v) for v in pc.quantile(times, q=[0.1, 0.9]).to_pylist())
     inside = pc.sum(pc.and_(pc.greater_equal(times, low), pc.less_equal(times, high))).as_py()
-    after_ray = manifest["stage_seconds"]["pipeline"]["seconds"]
-    startup = max(actor["startup_seconds"] for actor in manifest["actors"])
+    after_ray = manifest.stage_seconds["pipeline"]["seconds"]
+    startup = max(actor["startup_seconds"] for actor in manifest.actors)
     ray.shutdown()
     return {
         "images": images,
@@ -196,8 +196,8 @@ def pipeline_run(images: int, precision: str, batch_size: int, actors: int, budg
         "end_to_end_images_per_second": round(images / wall, 1),
         "steady_images_per_second": round(inside / ((high - low) / 1e6), 1),
         "after_startup_images_per_second": round(images / (after_ray - startup), 1),
-        "stage_seconds": manifest["stage_seconds"],
-        "actors": manifest["actors"],
+        "stage_seconds": manifest.stage_seconds,
+        "actors": manifest.actors,
     }
 
 

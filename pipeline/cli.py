@@ -103,11 +103,9 @@ def _root_cause(error: BaseException) -> str:
 
 def _summary(result) -> None:
     plan = result.plan
-    shards = (
-        f"{plan.get('to_read', 0)} read, {plan.get('skipped_unchanged', 0)} unchanged, {plan.get('adopted', 0)} adopted"
-    )
+    shards = f"{plan.to_read} read, {plan.skipped_unchanged} unchanged, {plan.adopted} adopted"
     if result.manifest_url is None:
-        _say(f"Nothing to do ({plan.get('mode')} run over {plan.get('listed')} shards: {shards}).")
+        _say(f"Nothing to do ({plan.mode} run over {plan.listed} shards: {shards}).")
         _say(f"  output      {result.output_url} (no run committed)")
         return
     stages = ", ".join(f"{name} {value['seconds']:.1f}s" for name, value in result.stage_seconds.items())
@@ -117,16 +115,16 @@ def _summary(result) -> None:
         if predict.get("span_seconds")
         else ""
     )
-    adopted = f" (progress of crashed run {', '.join(plan['adopted_from'])})" if plan.get("adopted_from") else ""
+    adopted = f" (progress of crashed run {', '.join(plan.adopted_from)})" if plan.adopted_from else ""
     lines = [
-        f"  shards      {plan.get('listed')} listed: {shards}{adopted}",
+        f"  shards      {plan.listed} listed: {shards}{adopted}",
         f"  images      {result.rows} ({result.ok} ok, {result.error} failed)",
         f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s{once_running}",
         f"  stages      {stages}",
         f"  output      {result.output_url}",
         f"  manifest    {result.manifest_url}",
     ]
-    head = Text.assemble(_text(f"run {result.run_id}", "bold"), _text(f" ({plan.get('mode')})"))
+    head = Text.assemble(_text(f"run {result.run_id}", "bold"), _text(f" ({plan.mode})"))
     console.print(head, _text("\n".join(lines)), sep="\n", soft_wrap=True)
 
 
@@ -173,7 +171,7 @@ def retry_failed_command(
     manifests = read_manifests(OutputLocation.open(output))
     if not manifests:
         raise _fail(f"{output}: no committed run to retry (nothing under _runs/)")
-    document = without_redacted(manifests[-1]["spec"])
+    document = without_redacted(manifests[-1].spec)
     document["output"]["url"] = output
     try:
         spec = parse_spec(document, overrides)

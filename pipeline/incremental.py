@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.manifest import PlanSummary
 from pipeline.runs import (
     CrashedRun,
     OutputLocation,
@@ -90,15 +91,15 @@ class Plan:
     adopted_shards: list[dict[str, Any]] = field(default_factory=list)
     adopted_from: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "listed": self.listed,
-            "to_read": len(self.reads),
-            "skipped_unchanged": self.skipped,
-            "adopted": len(self.adopted_shards),
-            "adopted_from": self.adopted_from,
-        }
+    def summary(self) -> PlanSummary:
+        return PlanSummary(
+            mode=self.mode,
+            listed=self.listed,
+            to_read=len(self.reads),
+            skipped_unchanged=self.skipped,
+            adopted=len(self.adopted_shards),
+            adopted_from=list(self.adopted_from),
+        )
 
 
 def plan_run(spec: JobSpec, shards: list[Shard], location: OutputLocation, key: str, *, full: bool = False) -> Plan:
@@ -113,7 +114,7 @@ def plan_run(spec: JobSpec, shards: list[Shard], location: OutputLocation, key: 
 
 def covered_shards(location: OutputLocation, key: str) -> dict[str, tuple]:
     """Shard URL -> (etag, size) of its newest whole processing by a committed run with this work key."""
-    manifests = [m for m in read_manifests(location) if m.get("model", {}).get("key") == key]
+    manifests = [m for m in read_manifests(location) if m.model.key == key]
     table = read_shards(location, manifests)
     covered: dict[str, tuple] = {}
     for row in table.filter(pc.invert(table.column("partial"))).to_pylist():  # in commit order: newest wins

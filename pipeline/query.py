@@ -32,6 +32,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from pipeline.manifest import Manifest
 from pipeline.runs import OutputLocation, committed_paths, read_manifests, read_shards
 from pipeline.sink import arrow_filesystem, output_schema
 
@@ -85,7 +86,7 @@ def connect(
 
 
 def dataset(
-    output: str | OutputLocation, storage_options: dict | None = None, manifests: list[dict] | None = None
+    output: str | OutputLocation, storage_options: dict | None = None, manifests: list[Manifest] | None = None
 ) -> ds.Dataset:
     """A pyarrow dataset of every committed row (files named by manifests, read through fsspec)."""
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
@@ -118,33 +119,30 @@ RUN_COLUMNS = {
 }
 
 
-def _runs_table(manifests: list[dict[str, Any]]) -> pa.Table:
-    rows = []
-    for seq, m in enumerate(manifests, start=1):
-        model, counts, plan = m.get("model", {}), m.get("counts", {}), m.get("plan", {})
-        fingerprint = model.get("fingerprint")
-        rows.append(
-            {
-                "seq": seq,
-                "run_id": m["run_id"],
-                "name": m.get("spec", {}).get("name"),
-                "mode": plan.get("mode", "full"),
-                "started_at": m.get("started_at"),
-                "committed_at": m.get("committed_at") or m.get("finished_at"),
-                "wall_seconds": m.get("wall_seconds"),
-                "rows": counts.get("rows"),
-                "ok": counts.get("ok"),
-                "error": counts.get("error"),
-                "images_per_second": m.get("images_per_second"),
-                "architecture": model.get("architecture"),
-                "weights": model.get("weights"),
-                "fingerprint": ",".join(fingerprint) if isinstance(fingerprint, list) else fingerprint,
-                "work_key": model.get("key"),
-                "shards_read": plan.get("to_read"),
-                "shards_skipped": plan.get("skipped_unchanged"),
-                "shards_adopted": plan.get("adopted"),
-            }
-        )
+def _runs_table(manifests: list[Manifest]) -> pa.Table:
+    rows = [
+        {
+            "seq": seq,
+            "run_id": m.run_id,
+            "name": m.name,
+            "mode": m.plan.mode,
+            "started_at": m.started_at,
+            "committed_at": m.commit_order[0],
+            "wall_seconds": m.wall_seconds,
+            "rows": m.counts.rows,
+            "ok": m.counts.ok,
+            "error": m.counts.error,
+            "images_per_second": m.images_per_second,
+            "architecture": m.model.architecture,
+            "weights": m.model.weights,
+            "fingerprint": m.model.fingerprints,
+            "work_key": m.model.key,
+            "shards_read": m.plan.to_read,
+            "shards_skipped": m.plan.skipped_unchanged,
+            "shards_adopted": m.plan.adopted,
+        }
+        for seq, m in enumerate(manifests, start=1)
+    ]
     return pa.Table.from_pylist(rows, pa.schema(list(RUN_COLUMNS.items())))
 
 

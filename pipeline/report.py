@@ -10,6 +10,7 @@ import base64
 import html
 from typing import Any
 
+from pipeline.manifest import Manifest
 from pipeline.query import QueryError, connect
 from pipeline.runs import OutputLocation, read_manifests
 
@@ -25,7 +26,7 @@ def report(output: str | OutputLocation, run_id: str | None = None, storage_opti
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
     manifests = read_manifests(location)
     if run_id is not None:
-        manifests = [m for m in manifests if m["run_id"] == run_id]
+        manifests = [m for m in manifests if m.run_id == run_id]
         if not manifests:
             raise QueryError(f"no committed run {run_id!r} in {location.url()}")
     with connect(location) as db:
@@ -68,15 +69,15 @@ def report(output: str | OutputLocation, run_id: str | None = None, storage_opti
     }
 
 
-def _run_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+def _run_summary(manifest: Manifest) -> dict[str, Any]:
     return {
-        "run_id": manifest["run_id"],
-        "mode": manifest.get("plan", {}).get("mode", "full"),
-        "committed_at": manifest.get("committed_at"),
-        "images": manifest.get("counts", {}).get("rows"),
-        "wall_seconds": manifest.get("wall_seconds"),
-        "images_per_second": manifest.get("images_per_second"),
-        "stage_seconds": {k: v.get("seconds") for k, v in manifest.get("stage_seconds", {}).items()},
+        "run_id": manifest.run_id,
+        "mode": manifest.plan.mode,
+        "committed_at": manifest.committed_at,
+        "images": manifest.counts.rows,
+        "wall_seconds": manifest.wall_seconds,
+        "images_per_second": manifest.images_per_second,
+        "stage_seconds": {k: v.get("seconds") for k, v in manifest.stage_seconds.items()},
     }
 
 

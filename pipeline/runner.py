@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.incremental import Plan, adopt, plan_retry, plan_run, work_key
+from pipeline.manifest import Counts, Manifest, ModelRecord, PlanSummary
 from pipeline.runs import (
     Lease,
     OutputLocation,
@@ -75,7 +76,7 @@ class RunResult:
     error: int
     wall_seconds: float
     stage_seconds: dict[str, Any] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
+    plan: PlanSummary = field(default_factory=PlanSummary)
 
     @property
     def images_per_second(self) -> float:
@@ -228,23 +229,23 @@ def run(
 
         wall = time.perf_counter() - started
         stage_seconds["list"] = {"seconds": round(listed - started, 3), "items": len(shards)}
-        manifest = {
-            "run_id": run_id,
-            "status": "committed",
-            "started_at": started_at.isoformat(),
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-            "wall_seconds": round(wall, 3),
-            "spec": spec.redacted(),
-            "model": {**_model_record(spec), "key": key, "key_parts": key_parts},
-            "plan": plan.summary(),
-            "counts": {"rows": staged.rows, "ok": staged.ok, "error": staged.error},
-            "images_per_second": round(staged.rows / wall, 3) if wall else None,
-            "stage_seconds": stage_seconds,
-            "actors": actors,
-            "host": {"python": platform.python_version(), "ray": ray.__version__},
-        }
         fingerprints = staged.fingerprints
-        manifest["model"]["fingerprint"] = fingerprints[0] if len(fingerprints) == 1 else fingerprints
+        manifest = Manifest(
+            run_id=run_id,
+            started_at=started_at.isoformat(),
+            finished_at=datetime.now(timezone.utc).isoformat(),
+            wall_seconds=round(wall, 3),
+            spec=spec.redacted(),
+            model=_model_record(
+                spec, key, key_parts, fingerprints[0] if len(fingerprints) == 1 else fingerprints or None
+            ),
+            plan=plan.summary(),
+            counts=Counts(staged.rows, staged.ok, staged.error),
+            images_per_second=round(staged.rows / wall, 3) if wall else None,
+            stage_seconds=stage_seconds,
+            actors=actors,
+            host={"python": platform.python_version(), "ray": ray.__version__},
+        )
         same_work = [run.run_id for run in crashed if run.key == key]  # adopted, or superseded by this run
         manifest_url = commit(location, run_id, staged, manifest, shard_records, replaces=same_work)
     return RunResult(
@@ -536,19 +537,24 @@ def _plan(spec: JobSpec, reads: list[ShardRead], location: OutputLocation, run_i
     )
 
 
-def _model_record(spec: JobSpec) -> dict[str, Any]:
+def _model_record(
+    spec: JobSpec, key: str, key_parts: dict[str, Any], fingerprint: str | list[str] | None
+) -> ModelRecord:
     from pipeline.credentials import redact_url
 
     weights = spec.model.weights
-    return {
-        "architecture": spec.model.architecture,
-        "weights": weights if weights in ("imagenet", "random") else redact_url(weights),
-        "random_weights": weights == "random",
-        "seed": spec.model.seed if weights == "random" else None,
-        "precision": spec.inference.precision,
-        "preprocessing": spec.decode.preprocessing,
-        "image_size": spec.decode.image_size,
-    }
+    return ModelRecord(
+        architecture=spec.model.architecture,
+        weights=weights if weights in ("imagenet", "random") else redact_url(weights),
+        random_weights=weights == "random",
+        seed=spec.model.seed if weights == "random" else None,
+        precision=spec.inference.precision,
+        preprocessing=spec.decode.preprocessing,
+        image_size=spec.decode.image_size,
+        key=key,
+        key_parts=key_parts,
+        fingerprint=fingerprint,
+    )
 
 
 __all__ = ["InputError", "PreflightError", "RunFailed", "RunResult", "RunStopped", "preflight", "run"]

@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.manifest import Manifest
 from pipeline.storage import is_local, read_json, with_retries, write_bytes, write_json
 
 PREDICTIONS = "predictions"
@@ -257,7 +258,7 @@ def commit(
     location: OutputLocation,
     run_id: str,
     staged: StagedOutput,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     shards: Iterable[dict[str, Any]],
     replaces: Iterable[str] = (),
 ) -> str:
@@ -274,14 +275,14 @@ def commit(
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_bytes(fs, location.shards_path(run_id), sink.getvalue().to_pybytes())
-    intent = {
-        **manifest,
-        "committed_at": _now(),
-        "files": [target[len(location.root) + 1 :] for _, target in moves],
-        "shards_file": location.shards_path(run_id)[len(location.root) + 1 :],
-        "replaces": sorted(set(replaces)),
-        "moves": [[source, target] for source, target in moves],
-    }
+    committed = replace(
+        manifest,
+        committed_at=_now(),
+        files=[target[len(location.root) + 1 :] for _, target in moves],
+        shards_file=location.shards_path(run_id)[len(location.root) + 1 :],
+        replaces=sorted(set(replaces)),
+    )
+    intent = {**committed.to_json(), "moves": [[source, target] for source, target in moves]}
     write_json(fs, location.path(STAGING, run_id, INTENT), intent)
     return finish_commit(location, intent)
 
@@ -298,9 +299,9 @@ def finish_commit(location: OutputLocation, intent: dict[str, Any]) -> str:
                 with_retries(lambda source=source, target=target: fs.mv(source, target))
         elif not location.exists(target):
             raise RuntimeError(f"cannot finish the commit of run {run_id}: {source} is gone")
-    manifest = {key: value for key, value in intent.items() if key != "moves"}
-    write_json(fs, location.manifest_path(run_id), manifest)
-    for staging_run in [run_id, *intent.get("replaces", [])]:
+    manifest = Manifest.from_json(intent)
+    write_json(fs, location.manifest_path(run_id), manifest.to_json())
+    for staging_run in [run_id, *manifest.replaces]:
         discard(location, staging_run)
     return location.url(RUNS, f"{run_id}.json")
 
@@ -346,7 +347,7 @@ def recover(location: OutputLocation) -> list[CrashedRun]:
             finish_commit(location, read_json(location.fs, intent_path))
         else:
             crashed.append(CrashedRun(run_id, (lease or {}).get("key")))
-    committed = {m["run_id"] for m in read_manifests(location)}
+    committed = {m.run_id for m in read_manifests(location)}
     for folder in location.list(location.path(PREDICTIONS)):
         run_id = folder.rstrip("/").rsplit("/", 1)[-1].removeprefix("run-")
         if run_id not in committed and run_id not in live:
@@ -357,12 +358,12 @@ def recover(location: OutputLocation) -> list[CrashedRun]:
 # --- reading committed runs ---
 
 
-def read_manifests(location: OutputLocation) -> list[dict[str, Any]]:
+def read_manifests(location: OutputLocation) -> list[Manifest]:
     """Manifests of committed runs, in commit order."""
     paths = [p for p in location.list(location.path(RUNS)) if p.endswith(".json")]
     contents = with_retries(lambda: location.fs.cat(paths)) if paths else {}
-    manifests = [json.loads(data) for data in contents.values()]
-    return sorted(manifests, key=lambda m: (m.get("committed_at") or m.get("finished_at") or "", m["run_id"]))
+    manifests = [Manifest.from_json(json.loads(data)) for data in contents.values()]
+    return sorted(manifests, key=lambda m: m.commit_order)
 
 
 def committed_files(url: str, storage_options: dict | None = None) -> list[str]:
@@ -375,20 +376,20 @@ def committed_files(url: str, storage_options: dict | None = None) -> list[str]:
     return paths if is_local(location.fs) else [location.fs.unstrip_protocol(path) for path in paths]
 
 
-def committed_paths(location: OutputLocation, manifests: list[dict[str, Any]]) -> list[str]:
+def committed_paths(location: OutputLocation, manifests: list[Manifest]) -> list[str]:
     """The data files the given manifests commit, as paths inside the location's filesystem."""
-    return [location.path(relative) for manifest in manifests for relative in manifest["files"]]
+    return [location.path(relative) for manifest in manifests for relative in manifest.files]
 
 
-def read_shards(location: OutputLocation, manifests: list[dict[str, Any]]) -> pa.Table:
+def read_shards(location: OutputLocation, manifests: list[Manifest]) -> pa.Table:
     """The shards tables of the given committed runs, with ``run_id`` added (empty table when there are none)."""
     tables = []
     for manifest in manifests:
-        if "shards_file" not in manifest:
+        if manifest.shards_file is None:
             continue
-        path = location.path(manifest["shards_file"])
+        path = location.path(manifest.shards_file)
         table = with_retries(lambda path=path: read_table(location.fs, path)).cast(SHARDS_SCHEMA)
-        tables.append(table.append_column("run_id", pa.array([manifest["run_id"]] * table.num_rows, pa.string())))
+        tables.append(table.append_column("run_id", pa.array([manifest.run_id] * table.num_rows, pa.string())))
     if not tables:
         return SHARDS_SCHEMA.append(pa.field("run_id", pa.string())).empty_table()
     return pa.concat_tables(tables)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.decode import decode
+from pipeline.manifest import Counts, Manifest, PlanSummary
 from pipeline.model import caffe_preprocess
 from pipeline.runner import run
 from pipeline.runs import OutputLocation, new_run_id, read_manifests
@@ -57,9 +58,9 @@ def direct_model():
 
 def read_rows(result, storage_options=None) -> list[dict]:
     location = OutputLocation.open(result.output_url, storage_options)
-    (manifest,) = [m for m in read_manifests(location) if m["run_id"] == result.run_id]
+    (manifest,) = [m for m in read_manifests(location) if m.run_id == result.run_id]
     tables = []
-    for relative in manifest["files"]:
+    for relative in manifest.files:
         with location.fs.open(location.path(relative), "rb") as f:
             tables.append(pq.read_table(f))
     for table in tables:
@@ -112,8 +113,8 @@ def test_the_model_stage_runs_on_jax(tmp_path, direct_model):
     result = run(spec, progress=False)
     rows = read_rows(result)
     assert len(rows) == len(paths) and all(row["status"] == "ok" for row in rows)
-    (manifest,) = [m for m in read_manifests(OutputLocation.open(result.output_url)) if m["run_id"] == result.run_id]
-    assert [actor["backend"] for actor in manifest["actors"]] == ["jax"]
+    (manifest,) = [m for m in read_manifests(OutputLocation.open(result.output_url)) if m.run_id == result.run_id]
+    assert [actor["backend"] for actor in manifest.actors] == ["jax"]
     for row in rows:
         pixels, _, _ = decode(Path(row["image_id"]).read_bytes(), "crop", size=64)
         expected = direct_model.predict(np.asarray(caffe_preprocess(pixels[None])), verbose=0)
@@ -149,34 +150,30 @@ def test_output_contract_files_and_manifest(sample_run):
     location = OutputLocation.open(result.output_url)
     (manifest,) = read_manifests(location)
     good, bad = len(VARIANTS) * len(PHOTOS), len(BAD_FILES)
-    assert len(manifest["files"]) == 1  # 34 rows in batches of 4: one file, not one per batch
-    table = pq.read_table(location.path(manifest["files"][0]))
+    assert len(manifest.files) == 1  # 34 rows in batches of 4: one file, not one per batch
+    table = pq.read_table(location.path(manifest.files[0]))
     assert table.schema.equals(output_schema(512, "float32"))
     assert not list(Path(location.root).glob("_staging/*"))
 
-    assert manifest["counts"] == {"rows": good + bad, "ok": good, "error": bad}
-    assert manifest["model"]["fingerprint"] == table.column("model_fingerprint")[0].as_py()
-    assert manifest["model"]["random_weights"] is True
-    assert manifest["plan"] == {
-        "mode": "full",
-        "listed": good + bad,
-        "to_read": good + bad,
-        "skipped_unchanged": 0,
-        "adopted": 0,
-        "adopted_from": [],
-    }
-    shards = pq.read_table(location.path(manifest["shards_file"])).to_pylist()
+    assert manifest.counts == Counts(rows=good + bad, ok=good, error=bad)
+    assert manifest.model.fingerprint == table.column("model_fingerprint")[0].as_py()
+    assert manifest.model.random_weights is True
+    assert manifest.plan == PlanSummary("full", listed=good + bad, to_read=good + bad)
+    # The manifest as stored: plain JSON, read back into the same typed record.
+    stored = json.loads(Path(location.manifest_path(manifest.run_id)).read_text())
+    assert stored["plan"]["adopted_from"] == [] and Manifest.from_json(stored) == manifest
+    shards = pq.read_table(location.path(manifest.shards_file)).to_pylist()
     assert len(shards) == good + bad and all(s["size"] is not None and s["etag"] for s in shards)
     assert all(s["rows"] == 1 and not s["partial"] for s in shards)
-    assert manifest["model"]["key"] and manifest["model"]["key_parts"]["image_size"] == 64
+    assert manifest.model.key and manifest.model.key_parts["image_size"] == 64
     for stage in ("list", "ray_init", "read", "decode", "predict", "model_startup", "pipeline"):
-        assert manifest["stage_seconds"][stage]["seconds"] >= 0, stage
-    stages = manifest["stage_seconds"]
+        assert manifest.stage_seconds[stage]["seconds"] >= 0, stage
+    stages = manifest.stage_seconds
     assert stages["predict"]["items"] == good
     for stage in ("decode", "predict"):  # spans within the time of the Ray plan
         assert 0 <= stages[stage]["started_s"] <= stages[stage]["started_s"] + stages[stage]["span_seconds"]
         assert stages[stage]["started_s"] + stages[stage]["span_seconds"] <= stages["pipeline"]["seconds"] + 1
-    actors = manifest["actors"]
+    actors = manifest.actors
     assert actors and all(a["backend"] == "tensorflow" and "/device:CPU:0" in a["devices"][0] for a in actors)
     assert all(a["batches_at_once"] == 2 for a in actors)  # one per core of the 2-CPU local cluster
     # Forward passes side by side: their summed time fits in the span only twice over.
@@ -236,9 +233,9 @@ def test_s3_layouts(layout, layout_images, s3):
     manifest_text = fs.cat_file(manifests[0]).decode()
     assert "do-not-leak-this" not in manifest_text and '"secret": "***"' in manifest_text
     manifest = json.loads(manifest_text)
-    files = [fs.info(f"{bucket}/out/{f}") for f in manifest["files"]]
+    files = [fs.info(f"{bucket}/out/{f}") for f in manifest.files]
     assert len(files) >= 2  # rows_per_file=2 over 6 rows
-    table = pq.read_table(fs.open(f"{bucket}/out/{manifest['files'][0]}", "rb"))
+    table = pq.read_table(fs.open(f"{bucket}/out/{manifest.files[0]}", "rb"))
     embedding = table.schema.field("embedding").type
     assert pa.types.is_float16(embedding.value_type) and embedding.list_size == 512
     assert not fs.exists(f"{bucket}/out/_staging/{result.run_id}")
@@ -264,8 +261,8 @@ def test_gpu_scheduling_path_on_a_cpu_machine(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'RESULT {"rows": 14}' in done.stdout
     (manifest,) = read_manifests(OutputLocation.open(str(tmp_path / "out")))
-    assert [actor["gpu_ids"] for actor in manifest["actors"]] == [["0"]]
-    assert manifest["spec"]["inference"]["gpus_per_actor"] == 1
+    assert [actor["gpu_ids"] for actor in manifest.actors] == [["0"]]
+    assert manifest.spec["inference"]["gpus_per_actor"] == 1
 
 
 def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
@@ -326,7 +323,7 @@ def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
     assert len(ids) == len(set(ids)) == 40 * len(source)
     assert all(row["status"] == "ok" for row in rows)
     (manifest,) = read_manifests(OutputLocation.open(result.output_url))
-    assert len(manifest["actors"]) == 2  # the killed one and its replacement
+    assert len(manifest.actors) == 2  # the killed one and its replacement
 
 
 def _on_a_local_cluster(script: str, env: dict[str, str] | None = None) -> list[str]:

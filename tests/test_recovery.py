@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -142,12 +143,12 @@ def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its
     assert f"progress of crashed run {crashed}" in stdout
 
     (manifest,) = read_manifests(OutputLocation.open(str(out)))
-    plan = manifest["plan"]
-    assert plan["adopted_from"] == [crashed] and plan["adopted"] >= 2  # finished shards were not read again
-    assert plan["adopted"] + plan["to_read"] == len(images)
+    plan = manifest.plan
+    assert plan.adopted_from == [crashed] and plan.adopted >= 2  # finished shards were not read again
+    assert plan.adopted + plan.to_read == len(images)
     rows = committed_rows(str(out))
     assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{bucket}/in/{name}" for name in images)
-    assert {r["status"] for r in rows} == {"ok"} and {r["run_id"] for r in rows} == {manifest["run_id"]}
+    assert {r["status"] for r in rows} == {"ok"} and {r["run_id"] for r in rows} == {manifest.run_id}
     assert not (out / "_staging").exists()
 
 
@@ -190,8 +191,8 @@ def test_ctrl_c_stops_gently_keeps_what_was_read_and_the_rerun_adopts_it(s3, tmp
     assert rerun.returncode == 0, stderr[-3000:]
     assert f"progress of crashed run {stopped.group(1)}" in stdout
     (manifest,) = read_manifests(OutputLocation.open(str(out)))
-    assert manifest["plan"]["adopted"] == shards_read  # every shard the stopped run read; none read twice
-    assert manifest["plan"]["adopted"] + manifest["plan"]["to_read"] == len(images)
+    assert manifest.plan.adopted == shards_read  # every shard the stopped run read; none read twice
+    assert manifest.plan.adopted + manifest.plan.to_read == len(images)
     rows = committed_rows(str(out))
     assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{bucket}/in/{name}" for name in images)
     assert not (out / "_staging").exists()
@@ -242,7 +243,11 @@ def test_three_nights_on_a_growing_bucket(tmp_path, ray_cluster):
 
     def night() -> dict:
         result = run(spec, progress=False)
-        return result.plan | {"rows": result.rows, "committed": result.manifest_url is not None, "id": result.run_id}
+        return asdict(result.plan) | {
+            "rows": result.rows,
+            "committed": result.manifest_url is not None,
+            "id": result.run_id,
+        }
 
     write_shard(0, names[0:3])
     write_shard(1, names[3:6])
@@ -279,7 +284,7 @@ def test_three_nights_on_a_growing_bucket(tmp_path, ray_cluster):
     ]
 
     full = run(spec, progress=False, full=True)
-    assert (full.plan["mode"], full.plan["to_read"], full.rows) == ("full", 4, 12)
+    assert (full.plan.mode, full.plan.to_read, full.rows) == ("full", 4, 12)
 
 
 def test_retry_failed_reads_only_failed_images_and_its_rows_supersede(s3, tmp_path):
@@ -308,8 +313,8 @@ def test_retry_failed_reads_only_failed_images_and_its_rows_supersede(s3, tmp_pa
     assert "3 (2 ok, 1 failed)" in stdout and "(retry-failed)" in stdout
 
     manifests = read_manifests(OutputLocation.open(str(out)))
-    assert [m["plan"]["mode"] for m in manifests] == ["full", "retry-failed"]
-    assert manifests[1]["plan"]["to_read"] == 3  # the two denied images and the corrupt one, nothing else
+    assert [m.plan.mode for m in manifests] == ["full", "retry-failed"]
+    assert manifests[1].plan.to_read == 3  # the two denied images and the corrupt one, nothing else
     with connect(str(out)) as db:
         latest = dict(db.execute("SELECT image_id, status FROM latest").fetchall())
         errors = db.execute("SELECT image_id, error FROM errors").fetchall()
@@ -319,7 +324,7 @@ def test_retry_failed_reads_only_failed_images_and_its_rows_supersede(s3, tmp_pa
     assert [(image_id, "PermissionError" in error) for image_id, error in errors] == [
         (f"s3://{bucket}/in/corrupt.jpg", False)
     ]
-    shards = pq.read_table(out / manifests[1]["shards_file"]).to_pylist()
+    shards = pq.read_table(out / manifests[1].shards_file).to_pylist()
     assert sorted(Path(s["url"]).name for s in shards) == ["corrupt.jpg", *denied]
 
 
@@ -338,15 +343,15 @@ def test_resume_needs_no_ray_when_every_shard_was_finished(tmp_path, ray_cluster
     (manifest,) = read_manifests(location)
     crashed = out / "_staging" / first.run_id
     (crashed / "_progress").mkdir(parents=True)
-    for index, relative in enumerate(manifest["files"]):
+    for index, relative in enumerate(manifest.files):
         os.replace(out / relative, crashed / f"part-{index}.parquet")
-    shards = pq.read_table(out / manifest["shards_file"]).to_pylist()
+    shards = pq.read_table(out / manifest.shards_file).to_pylist()
     (crashed / "_progress" / "all.json").write_text(json.dumps(shards))
     (crashed / "_lease.json").write_text(
         json.dumps(
             {
                 "run_id": first.run_id,
-                "key": manifest["model"]["key"],
+                "key": manifest.model.key,
                 "host": "gone",
                 "pid": 1,
                 "started_at": "2026-01-01T00:00:00+00:00",
@@ -358,7 +363,7 @@ def test_resume_needs_no_ray_when_every_shard_was_finished(tmp_path, ray_cluster
     (out / "predictions" / f"run-{first.run_id}").rmdir()
 
     second = run(spec, progress=False)
-    assert second.plan["adopted"] == 4 and second.plan["to_read"] == 0 and second.rows == 4
+    assert second.plan.adopted == 4 and second.plan.to_read == 0 and second.rows == 4
     assert "ray_init" not in second.stage_seconds  # nothing to read: Ray was not needed
     assert sorted(r["run_id"] for r in committed_rows(str(out))) == [second.run_id] * 4
     assert not (out / "_staging").exists()

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import runs
+from pipeline.manifest import Counts, Manifest, ModelRecord
 from pipeline.query import connect
 from pipeline.runs import (
     Lease,
@@ -88,7 +89,8 @@ def commit_run(location: OutputLocation, run_id: str, tables: list[pa.Table], sh
     if shards is None:
         sources = sorted({s for t in tables for s in t.column("source").to_pylist()})
         shards = [{"url": s, "format": "images", "size": 1, "etag": "e", "rows": 1, "partial": False} for s in sources]
-    return commit(location, run_id, staged, {"run_id": run_id, "counts": {"rows": staged.rows}}, shards)
+    manifest = Manifest(run_id, ModelRecord("resnet18", "random"), counts=Counts(staged.rows, staged.ok, staged.error))
+    return commit(location, run_id, staged, manifest, shards)
 
 
 def visible_ids(out: str) -> dict[str, list[str]]:
@@ -135,7 +137,7 @@ def test_a_commit_cut_short_is_invisible_then_finished_by_the_next_run(tmp_path,
     assert visible_ids(out) == {"query": ["/i/1.jpg"], "pyarrow": ["/i/1.jpg"], "duckdb": ["/i/1.jpg"]}  # ...unseen
 
     assert recover(location) == []  # it had decided its content: rolled forward, not offered for adoption
-    assert [m["run_id"] for m in read_manifests(location)] == ["run-a", "run-b"]
+    assert [m.run_id for m in read_manifests(location)] == ["run-a", "run-b"]
     expected = ["/i/1.jpg", "/i/2.jpg", "/i/3.jpg"]
     assert visible_ids(out) == {"query": expected, "pyarrow": expected, "duckdb": expected}
     assert not os.path.exists(f"{out}/_staging")

@@ -1,0 +1,97 @@
+"""A committed run's manifest, typed: what ran (spec, model, work key), what it did (plan, counts), how it went (time
+per stage, actors), and what it committed (files, shards). The runner builds it; query, report, incremental planning
+and the CLI read it. Stored as JSON; :meth:`Manifest.from_json` also reads manifests written before this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def _known(cls: type, document: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``document`` that are fields of ``cls``: a newer writer's extra keys are not an error."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in document.items() if k in names}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The model a run used, and the work key its rows depend on (:func:`pipeline.incremental.work_key`)."""
+
+    architecture: str
+    weights: str  # 'imagenet', 'random', or the file's URL with credentials redacted
+    random_weights: bool = False
+    seed: int | None = None
+    precision: str = "float32"
+    preprocessing: str = "crop"
+    image_size: int = 224
+    key: str | None = None
+    key_parts: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | list[str] | None = None  # sha256 of the weights; a list if the actors disagreed
+
+    @property
+    def fingerprints(self) -> str | None:
+        """The fingerprint as one string (several joined by commas)."""
+        return ",".join(self.fingerprint) if isinstance(self.fingerprint, list) else self.fingerprint
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    mode: str = "full"  # full | incremental | retry-failed
+    listed: int = 0
+    to_read: int = 0
+    skipped_unchanged: int = 0
+    adopted: int = 0
+    adopted_from: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Counts:
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    run_id: str
+    model: ModelRecord
+    plan: PlanSummary = field(default_factory=PlanSummary)
+    counts: Counts = field(default_factory=Counts)
+    spec: dict[str, Any] = field(default_factory=dict)  # redacted: no credential values
+    started_at: str | None = None
+    finished_at: str | None = None
+    wall_seconds: float | None = None
+    images_per_second: float | None = None
+    stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    actors: list[dict[str, Any]] = field(default_factory=list)
+    host: dict[str, str] = field(default_factory=dict)
+    status: str = "committed"
+    # Set when the run is committed:
+    committed_at: str | None = None
+    files: list[str] = field(default_factory=list)  # relative to the output
+    shards_file: str | None = None
+    replaces: list[str] = field(default_factory=list)  # crashed runs' staging folders this one adopted or superseded
+
+    @property
+    def name(self) -> str | None:
+        return self.spec.get("name")
+
+    @property
+    def commit_order(self) -> tuple[str, str]:
+        return self.committed_at or self.finished_at or "", self.run_id
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Manifest:
+        return cls(
+            **{
+                **_known(cls, document),
+                "model": ModelRecord(**_known(ModelRecord, document.get("model", {}))),
+                "plan": PlanSummary(**_known(PlanSummary, document.get("plan", {}))),
+                "counts": Counts(**_known(Counts, document.get("counts", {}))),
+            }
+        )
