@@ -406,14 +406,14 @@ def demo(
 
 
 def _print_top_labels(result, output_url: str) -> None:
-    import pyarrow.dataset as ds
+    from pipeline.query import connect, fetch_arrow
 
-    rows = (
-        ds.dataset(f"{output_url}/predictions/run-{result.run_id}", format="parquet")
-        .to_table(columns=["image_id", "status", "error", "top_k"])
-        .sort_by("image_id")
-        .to_pylist()
-    )
+    with connect(output_url) as db:
+        rows = fetch_arrow(
+            db,
+            "SELECT image_id, status, error, top_k FROM predictions WHERE run_id = $run ORDER BY image_id",
+            {"run": result.run_id},
+        ).to_pylist()
     table = Table(title="top labels per image")
     table.add_column("image")
     table.add_column("labels (score)")

@@ -170,7 +170,7 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
     # Recorded like a read task's progress, so that a crash of this run can be adopted in turn.
     write_bytes(
         location.fs,
-        location.path("_staging", run_id, "_progress", f"adopted-{candidate.run_id}.json"),
+        location.progress_record(run_id, f"adopted-{candidate.run_id}"),
         json.dumps(plan.adopted_shards).encode(),
     )
 
@@ -204,7 +204,7 @@ def _copy_rows(location: OutputLocation, source_run: str, done: dict[str, dict],
         )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        target = location.path("_staging", run_id, f"adopted-{source_run}-{index:05d}.parquet")
+        target = location.staging(run_id, f"adopted-{source_run}-{index:05d}.parquet")
         write_bytes(fs, target, sink.getvalue().to_pybytes())
     return complete
 

@@ -86,8 +86,12 @@ class OutputLocation:
     def url(self, *parts: str) -> str:
         return self.fs.unstrip_protocol(self.path(*parts)) if parts else self.fs.unstrip_protocol(self.root)
 
-    def staging(self, run_id: str) -> str:
-        return self.path(STAGING, run_id)
+    def staging(self, run_id: str, name: str | None = None) -> str:
+        """A run's staging folder, or the file ``name`` in it."""
+        return self.path(STAGING, run_id, name) if name else self.path(STAGING, run_id)
+
+    def progress_record(self, run_id: str, name: str) -> str:
+        return self.path(STAGING, run_id, PROGRESS, f"{name}.json")
 
     def manifest_path(self, run_id: str) -> str:
         return self.path(RUNS, f"{run_id}.json")
