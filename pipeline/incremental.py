@@ -23,17 +23,18 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.manifest import PlanSummary
 from pipeline.runs import (
     CrashedRun,
     OutputLocation,
+    StagedFile,
     read_manifests,
     read_progress,
     read_shards,
     read_table,
     staged_files,
+    write_staged,
 )
 from pipeline.sources import Shard, ShardRead, unreadable_id
 from pipeline.spec import JobSpec
@@ -90,6 +91,7 @@ class Plan:
     skipped: int = 0  # already covered by a committed run
     adopted_shards: list[dict[str, Any]] = field(default_factory=list)
     adopted_from: list[str] = field(default_factory=list)
+    adopted_files: list[StagedFile] = field(default_factory=list)  # their rows, copied into this run's staging
 
     def summary(self) -> PlanSummary:
         return PlanSummary(
@@ -161,7 +163,7 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
                 done[entry["url"]] = entry
         if not done:
             return
-        copied = _copy_rows(location, candidate.run_id, done, run_id)
+        copied, plan.adopted_files = _copy_rows(location, candidate.run_id, done, run_id)
     except FileNotFoundError:
         return
     plan.reads = [read for read in plan.reads if read.shard.url not in copied]
@@ -175,8 +177,11 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
     )
 
 
-def _copy_rows(location: OutputLocation, source_run: str, done: dict[str, dict], run_id: str) -> set[str]:
+def _copy_rows(
+    location: OutputLocation, source_run: str, done: dict[str, dict], run_id: str
+) -> tuple[set[str], list[StagedFile]]:
     """Copy the rows of finished shards; a shard is finished when all the rows its read task counted are staged.
+    Returns the finished shards' URLs and the files written.
 
     Two passes, one file in memory at a time: count rows per shard, then copy the rows of complete shards.
     """
@@ -194,6 +199,7 @@ def _copy_rows(location: OutputLocation, source_run: str, done: dict[str, dict],
             counts[url] += count
     complete = {url for url, entry in done.items() if counts.get(url, 0) == entry["rows"]}
     wanted = pa.array(sorted(complete), pa.string())
+    written = []
     for index, path in enumerate(readable):
         table = with_retries(lambda path=path: read_table(fs, path))
         table = table.filter(pc.is_in(table.column("source"), wanted))
@@ -202,11 +208,8 @@ def _copy_rows(location: OutputLocation, source_run: str, done: dict[str, dict],
         table = table.set_column(
             table.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * table.num_rows, pa.string())
         )
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        target = location.staging(run_id, f"adopted-{source_run}-{index:05d}.parquet")
-        write_bytes(fs, target, sink.getvalue().to_pybytes())
-    return complete
+        written.append(write_staged(location, run_id, f"adopted-{source_run}-{index:05d}.parquet", table))
+    return complete, written
 
 
 def _counts(column: pa.ChunkedArray) -> dict[str, int]:

@@ -28,15 +28,16 @@ from pipeline.manifest import Counts, Manifest, ModelRecord, PlanSummary
 from pipeline.runs import (
     Lease,
     OutputLocation,
+    StagedFile,
+    StagedOutput,
     commit,
     discard,
-    inspect_staged,
     new_run_id,
     read_progress,
     recover,
     staged_files,
 )
-from pipeline.sink import arrow_filesystem, row_bytes, rows_per_file
+from pipeline.sink import output_schema, row_bytes, rows_per_file
 from pipeline.sources import InputError, ReadTask, Shard, ShardRead, check_columns, list_shards
 from pipeline.spec import JobSpec
 from pipeline.storage import is_within
@@ -205,9 +206,9 @@ def run(
             discard(location, run_id)
             return RunResult(run_id, location.url(), None, 0, 0, 0, time.perf_counter() - started, plan=plan.summary())
         try:
-            stage_seconds, actors, stopped = _execute(spec, plan, location, run_id, progress, address)
-            staged = inspect_staged(location, run_id)
-            shard_records = _check_complete(location, run_id, plan, staged, stopped)
+            execution = _execute(spec, plan, location, run_id, progress, address)
+            staged = StagedOutput.of([*plan.adopted_files, *execution.written])
+            shard_records = _check_complete(location, run_id, plan, staged, execution.stopped)
             # A retry reads only failed images: its own error share says nothing about the input.
             if not retry_failed and staged.rows and staged.error / staged.rows > spec.max_error_fraction:
                 raise RunFailed(
@@ -228,7 +229,10 @@ def run(
         import ray
 
         wall = time.perf_counter() - started
-        stage_seconds["list"] = {"seconds": round(listed - started, 3), "items": len(shards)}
+        stage_seconds = {
+            **execution.stage_seconds,
+            "list": {"seconds": round(listed - started, 3), "items": len(shards)},
+        }
         fingerprints = staged.fingerprints
         manifest = Manifest(
             run_id=run_id,
@@ -243,7 +247,7 @@ def run(
             counts=Counts(staged.rows, staged.ok, staged.error),
             images_per_second=round(staged.rows / wall, 3) if wall else None,
             stage_seconds=stage_seconds,
-            actors=actors,
+            actors=execution.actors,
             host={"python": platform.python_version(), "ray": ray.__version__},
         )
         same_work = [run.run_id for run in crashed if run.key == key]  # adopted, or superseded by this run
@@ -261,13 +265,23 @@ def run(
     )
 
 
+@dataclass
+class Execution:
+    """What the Ray plan did: time per stage, the actors it started, the files it wrote, and whether a first
+    Ctrl-C stopped it early."""
+
+    stage_seconds: dict[str, Any] = field(default_factory=dict)
+    actors: list[dict] = field(default_factory=list)
+    written: list[StagedFile] = field(default_factory=list)
+    stopped: bool = False
+
+
 def _execute(
     spec: JobSpec, plan: Plan, location: OutputLocation, run_id: str, progress: bool, address: str | None
-) -> tuple[dict[str, Any], list[dict], bool]:
-    """Run the Ray plan over ``plan.reads``, writing into the run's staging folder. Returns stage times, actors,
-    and whether a first Ctrl-C stopped it early."""
+) -> Execution:
+    """Run the Ray plan over ``plan.reads``, writing into the run's staging folder."""
     if not plan.reads:
-        return {}, [], False
+        return Execution()
     started = time.perf_counter()
     _init_ray(address)
     check_resources(spec, *_cluster_shapes())
@@ -275,6 +289,7 @@ def _execute(
     from ray.data import DataContext
 
     from pipeline.metrics import StageTimer
+    from pipeline.writer import RunSink
 
     target_rows = rows_per_file(
         spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
@@ -291,20 +306,16 @@ def _execute(
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
     timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
+    sink = RunSink(location, run_id, target_rows, output_schema(spec.model.embedding_dim, spec.output.embedding_dtype))
     try:
         with _first_interrupt_stops(timer) as stopped:
-            _plan(spec, plan.reads, location, run_id, timer).write_parquet(
-                location.staging(run_id),
-                filesystem=arrow_filesystem(location.fs),
-                min_rows_per_file=target_rows,
-                max_rows_per_file=target_rows,
-            )
+            _plan(spec, plan.reads, location, run_id, timer).write_datasink(sink)
         stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
     finally:
         ray.kill(timer)
     stage_seconds["ray_init"] = {"seconds": round(ray_started - started, 3), "items": 0}
     stage_seconds["pipeline"] = {"seconds": round(time.perf_counter() - ray_started, 3), "items": 0}
-    return stage_seconds, actors, stopped.is_set()
+    return Execution(stage_seconds, actors, sink.written, stopped.is_set())
 
 
 @contextlib.contextmanager

@@ -225,6 +225,22 @@ def read_progress(location: OutputLocation, run_id: str) -> dict[str, dict[str, 
 
 
 @dataclass(frozen=True)
+class StagedFile:
+    """One file a run wrote into its staging folder, described as it was written (never read back)."""
+
+    path: str  # inside the output's filesystem
+    rows: int
+    ok: int
+    fingerprints: tuple[str, ...]  # of the weights that labelled its rows
+
+    @classmethod
+    def of(cls, path: str, table: pa.Table) -> StagedFile:
+        ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+        fingerprints = pc.unique(table.column("model_fingerprint").drop_null()).to_pylist()
+        return cls(path, table.num_rows, ok, tuple(sorted(fingerprints)))
+
+
+@dataclass(frozen=True)
 class StagedOutput:
     files: list[str]
     rows: int
@@ -232,22 +248,25 @@ class StagedOutput:
     error: int
     fingerprints: list[str]  # of the weights the actors used: one, unless something went wrong
 
+    @classmethod
+    def of(cls, files: Iterable[StagedFile]) -> StagedOutput:
+        files = sorted(files, key=lambda file: file.path)
+        rows, ok = sum(f.rows for f in files), sum(f.ok for f in files)
+        fingerprints = sorted({fingerprint for f in files for fingerprint in f.fingerprints})
+        return cls([f.path for f in files], rows, ok, rows - ok, fingerprints)
+
 
 def staged_files(location: OutputLocation, run_id: str) -> list[str]:
     return location.find(location.staging(run_id), ".parquet")
 
 
-def inspect_staged(location: OutputLocation, run_id: str) -> StagedOutput:
-    """What a run actually wrote, read back from its files (two small columns only)."""
-    files = staged_files(location, run_id)
-    rows = ok = 0
-    fingerprints: set[str] = set()
-    for path in files:
-        table = with_retries(lambda path=path: read_table(location.fs, path, ["status", "model_fingerprint"]))
-        rows += table.num_rows
-        ok += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
-        fingerprints.update(pc.unique(table.column("model_fingerprint")).to_pylist())
-    return StagedOutput(files, rows, ok, rows - ok, sorted(f for f in fingerprints if f))
+def write_staged(location: OutputLocation, run_id: str, name: str, table: pa.Table) -> StagedFile:
+    """Write ``table`` as the Parquet file ``name`` of the run's staging folder (whole, or not at all)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    path = location.staging(run_id, name)
+    write_bytes(location.fs, path, sink.getvalue().to_pybytes())
+    return StagedFile.of(path, table)
 
 
 def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:

@@ -397,3 +397,29 @@ def test_a_run_without_an_address_starts_its_own_cluster_even_beside_a_running_o
         (joined,) = _on_a_local_cluster(script, env)
     shutil.rmtree(system_temp, ignore_errors=True)
     assert joined.rsplit(":", 1)[1] != str(head.ports["port"]), "the run joined the cluster `ray start` left running"
+
+
+def test_the_run_sink_writes_files_of_the_size_asked_and_describes_them_as_written(tmp_path):
+    import ray
+
+    from pipeline.writer import RunSink
+    from tests.test_runs import rows
+
+    location = OutputLocation.open(str(tmp_path / "out"))
+    table = pa.concat_tables(
+        [rows("r1", [f"/i/{i}.jpg" for i in range(7)]), rows("r1", [f"/i/{i}.jpg" for i in range(7, 10)], "error")]
+    )
+    sink = RunSink(location, "r1", rows_per_file=4, schema=table.schema)
+    ray.data.from_arrow([table.slice(0, 3), table.slice(3, 3), table.slice(6)]).write_datasink(sink)
+
+    written = sorted(sink.written, key=lambda file: file.path)
+    assert sum(file.rows for file in written) == 10 and all(file.rows <= 4 for file in written)
+    for file in written:  # what the sink says of each file is what the file holds
+        stored = pq.read_table(file.path)
+        assert stored.schema.equals(table.schema) and stored.num_rows == file.rows
+        assert file.ok == stored.column("status").to_pylist().count("ok") and file.fingerprints == ("f" * 64,)
+    assert sorted(Path(p).name for p in location.find(location.staging("r1"), ".parquet")) == sorted(
+        Path(file.path).name for file in written
+    )
+    ids = pa.concat_tables(pq.read_table(file.path) for file in written).column("image_id").to_pylist()
+    assert sorted(ids) == sorted(table.column("image_id").to_pylist())

@@ -25,12 +25,14 @@ from pipeline.query import connect
 from pipeline.runs import (
     Lease,
     OutputLocation,
+    StagedFile,
+    StagedOutput,
     commit,
     committed_files,
-    inspect_staged,
     lease_expired,
     read_manifests,
     recover,
+    write_staged,
 )
 from pipeline.sink import output_schema
 from pipeline.sources import Shard, list_shards, read_shard
@@ -75,17 +77,12 @@ def rows(run_id: str, image_ids: list[str], status: str = "ok") -> pa.Table:
     )
 
 
-def stage(location: OutputLocation, run_id: str, tables: list[pa.Table]) -> None:
-    for index, table in enumerate(tables):
-        path = location.path("_staging", run_id, f"part-{index}.parquet")
-        location.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with location.fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+def stage(location: OutputLocation, run_id: str, tables: list[pa.Table]) -> list[StagedFile]:
+    return [write_staged(location, run_id, f"part-{index}.parquet", table) for index, table in enumerate(tables)]
 
 
 def commit_run(location: OutputLocation, run_id: str, tables: list[pa.Table], shards: list[dict] | None = None) -> str:
-    stage(location, run_id, tables)
-    staged = inspect_staged(location, run_id)
+    staged = StagedOutput.of(stage(location, run_id, tables))
     if shards is None:
         sources = sorted({s for t in tables for s in t.column("source").to_pylist()})
         shards = [{"url": s, "format": "images", "size": 1, "etag": "e", "rows": 1, "partial": False} for s in sources]

@@ -1,0 +1,54 @@
+"""The write stage of the Ray plan: a run's rows into its staging folder, as files of a chosen size, each described
+as it is written (see :mod:`pipeline.runner`; the commit is :mod:`pipeline.runs`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+from ray.data import Datasink
+from ray.data._internal.execution.interfaces import TaskContext
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline.runs import OutputLocation, StagedFile, write_staged
+from pipeline.storage import with_retries
+
+
+class RunSink(Datasink):
+    """The output side of a run's Ray plan: writes its rows into the run's staging folder, a file per
+    ``rows_per_file`` rows, and keeps what each write task wrote (:class:`~pipeline.runs.StagedFile`), so that
+    nothing is read back before the commit.
+
+    Files are named by the write task's index: a task Ray retries writes the same names again, and only the files
+    the final attempts reported (``written``) are committed; anything else in the folder goes with it.
+    """
+
+    def __init__(self, location: OutputLocation, run_id: str, rows_per_file: int, schema: pa.Schema) -> None:
+        self.location, self.run_id, self.rows_per_file, self.schema = location, run_id, rows_per_file, schema
+        self.written: list[StagedFile] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> list[StagedFile]:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [table.select(self.schema.names).cast(self.schema) for table in tables if table.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables).combine_chunks()
+        return [
+            with_retries(
+                lambda index=index, start=start: write_staged(
+                    self.location,
+                    self.run_id,
+                    f"part-{ctx.task_idx:06d}-{index:03d}.parquet",
+                    table.slice(start, self.rows_per_file),
+                )
+            )
+            for index, start in enumerate(range(0, table.num_rows, self.rows_per_file))
+        ]
+
+    def on_write_complete(self, write_result: WriteResult[list[StagedFile]]) -> None:
+        self.written = [file for files in write_result.write_returns for file in files]
