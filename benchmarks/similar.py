@@ -35,7 +35,7 @@ def build(root: Path, rows: int, dim: int, runs: int, rows_per_file: int, seed: 
         shutil.rmtree(root)
     location = OutputLocation.open(str(root))
     rng = np.random.default_rng(seed)
-    schema = output_schema(dim, "float32")
+    schema = output_schema(dim)
     per_run = rows // runs
     for run in range(runs):
         run_id = f"20261129T0000{run:02d}Z-bench{run}"

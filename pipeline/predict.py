@@ -166,7 +166,7 @@ class Predictor:
         self.embedding_dtype = embedding_dtype
         self.run_id = run_id
         self.timer = timer
-        self.schema = output_schema(model.output["embedding"].shape[-1], embedding_dtype)
+        self.schema = output_schema(model.output["embedding"].shape[-1])
 
         self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
         self.startup_seconds = time.perf_counter() - started
@@ -226,7 +226,7 @@ class Predictor:
         top_k = pa.ListArray.from_arrays(offsets, top_k_values, type=TOP_K_TYPE, mask=pa.array(error))
 
         embedding_type = self.schema.field("embedding").type
-        stored = embeddings.astype(np.float16 if self.embedding_dtype == "float16" else np.float32)
+        stored = embeddings.astype(np.float16).astype(np.float32) if self.embedding_dtype == "float16" else embeddings
         embedding_mask = np.ones(n, bool) if self.embedding_dtype == "none" else error
         embedding = pa.FixedSizeListArray.from_arrays(
             pa.array(stored.reshape(-1)), type=embedding_type, mask=pa.array(embedding_mask)

@@ -93,7 +93,7 @@ def dataset(
     manifests = read_manifests(location) if manifests is None else manifests
     files = committed_paths(location, manifests)
     if not files:
-        return ds.dataset(output_schema(2048, "float32").empty_table())
+        return ds.dataset(output_schema(2048).empty_table())
     return ds.dataset(files, format="parquet", filesystem=arrow_filesystem(location.fs))
 
 

@@ -306,7 +306,7 @@ def _execute(
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
     timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
-    sink = RunSink(location, run_id, target_rows, output_schema(spec.model.embedding_dim, spec.output.embedding_dtype))
+    sink = RunSink(location, run_id, target_rows, output_schema(spec.model.embedding_dim))
     try:
         with _first_interrupt_stops(timer) as stopped:
             _plan(spec, plan.reads, location, run_id, timer).write_datasink(sink)

@@ -5,7 +5,8 @@
 | image_id, source, status, error | string (error null when ok) |
 | label, class_id, score | string, int32, float32 (top-1; null on error) |
 | top_k | list<struct<class_id int32, wnid string, label string, score float32>> (best first) |
-| embedding | fixed_size_list<float32 or float16>[D] (null on error, or everywhere with embedding_dtype none) |
+| embedding | fixed_size_list<float32>[D] (null on error, or everywhere with embedding_dtype none; float16: float32
+  values rounded to half precision, which every engine reads and which compress to about half) |
 | width, height | int32 (of the original image; null when undecodable) |
 | model, model_fingerprint | string |
 | run_id, processed_at | string, timestamp[us, UTC] |
@@ -28,11 +29,12 @@ MAX_ROWS_PER_FILE = 50_000
 TARGET_FILE_BYTES = 32 * 1024 * 1024
 
 
-def embedding_type(dim: int, dtype: str) -> pa.DataType:
-    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
+def embedding_type(dim: int) -> pa.DataType:
+    # Not Parquet's FLOAT16, which Spark cannot read and Delta Lake has no type for.
+    return pa.list_(pa.float32(), dim)
 
 
-def output_schema(embedding_dim: int, embedding_dtype: str) -> pa.Schema:
+def output_schema(embedding_dim: int) -> pa.Schema:
     return pa.schema(
         [
             ("image_id", pa.string()),
@@ -43,7 +45,7 @@ def output_schema(embedding_dim: int, embedding_dtype: str) -> pa.Schema:
             ("class_id", pa.int32()),
             ("score", pa.float32()),
             ("top_k", TOP_K_TYPE),
-            ("embedding", embedding_type(embedding_dim, embedding_dtype)),
+            ("embedding", embedding_type(embedding_dim)),
             ("width", pa.int32()),
             ("height", pa.int32()),
             ("model", pa.string()),
@@ -56,7 +58,7 @@ def output_schema(embedding_dim: int, embedding_dtype: str) -> pa.Schema:
 
 def row_bytes(embedding_dim: int, embedding_dtype: str, top_k: int) -> int:
     """About how many bytes one output row takes in memory."""
-    item = {"float32": 4, "float16": 2, "none": 0}[embedding_dtype]
+    item = 0 if embedding_dtype == "none" else 4  # float16 travels as float32 too
     return 300 + embedding_dim * item + top_k * 40
 
 

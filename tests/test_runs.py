@@ -48,7 +48,7 @@ WHERE p.run_id IN (SELECT run_id FROM read_json('{out}/_runs/*.json', columns = 
 
 
 def rows(run_id: str, image_ids: list[str], status: str = "ok") -> pa.Table:
-    schema = output_schema(4, "float32")
+    schema = output_schema(4)
     now = datetime.now(timezone.utc)
     return pa.Table.from_pylist(
         [
