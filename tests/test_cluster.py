@@ -3,15 +3,12 @@ through the `resnet-pipeline` command as a user runs it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ from pipeline.cluster import (
 )
 from pipeline.samples import write_samples
 from pipeline.spec import parse_spec
+from tests.clusters import clean_environment, ray_head
 from tests.conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,8 +162,7 @@ class Head:
 
     def env(self, **changes: str | None) -> dict[str, str]:
         """The submitter's environment: the token, a HOME without ~/.ray/auth_token, no Ray or AWS settings."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "FSSPEC_"))}
-        env.update(HOME=str(self.home), RAY_AUTH_TOKEN=self.token)
+        env = clean_environment(HOME=str(self.home), RAY_AUTH_TOKEN=self.token)
         for name, value in changes.items():
             if value is None:
                 env.pop(name, None)
@@ -174,63 +171,19 @@ class Head:
         return env
 
 
-def _stop_head(temp_dir: Path, gcs_port: int) -> None:
-    """Stops this head's processes only (`ray stop` would stop every Ray on the machine)."""
-    import psutil
-
-    marks = (str(temp_dir), f":{gcs_port}")
-    ours = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(mark in arg for arg in process.info["cmdline"] or () for mark in marks):
-                ours.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for process in ours:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=5)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[Head]:
-    temp_dir = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     home = tmp_path_factory.mktemp("home")
     token = secrets.token_hex(24)
-    ports = {name: _free_port() for name in ("port", "dashboard", "client", "agent", "metrics", "runtime_env")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "FSSPEC_"))}
-    env.update(
+    env = clean_environment(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
         HOME=str(home),  # no ~/.aws or ~/.ray of the machine's user: the job gets credentials from the spec only
         AWS_EC2_METADATA_DISABLED="true",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this one
     )
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        f"--port={ports['port']}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={ports['dashboard']}",
-        f"--ray-client-server-port={ports['client']}",
-        f"--dashboard-agent-listen-port={ports['agent']}",
-        f"--metrics-export-port={ports['metrics']}",
-        f"--runtime-env-agent-port={ports['runtime_env']}",
-        "--num-cpus=2",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stderr[-3000:]
-        yield Head(f"http://127.0.0.1:{ports['dashboard']}", token, home)
-    finally:
-        _stop_head(temp_dir, ports["port"])
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(env, "--num-cpus=2") as started:
+        yield Head(started.dashboard, token, home)
 
 
 def cli(head: Head, *args: str, env: dict[str, str] | None = None, timeout: float = 300):

@@ -11,13 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.manifest import Manifest
 from pipeline.query import connect
 from pipeline.runner import run
 from pipeline.runs import OutputLocation, read_manifests
@@ -105,97 +107,104 @@ def committed_rows(output: str, storage_options: dict | None = None) -> list[dic
         ]
 
 
-def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its_progress(s3, tmp_path):
+@dataclass
+class SlowRun:
+    """A job over ``images`` on S3, behind a store that answers every request 0.3 s late: long enough to interrupt.
+    ``driver`` is the CLI running it in a session of its own; ``spec`` reruns it."""
+
+    images: dict[str, bytes]
+    bucket: str
+    out: Path
+    spec: Path
+    store: FaultProxy
+    driver: subprocess.Popen | None = None
+
+    def start(self, ready: Callable[[Path], bool]) -> subprocess.Popen:
+        """Start the run and return once ``ready(staging folder)``; the driver is then still running."""
+        self.driver = cli("run", str(self.spec), "--quiet")
+        staging, deadline = self.out / "_staging", time.monotonic() + 240
+        while time.monotonic() < deadline and self.driver.poll() is None and not ready(staging):
+            time.sleep(0.05)
+        assert self.driver.poll() is None, f"the run ended too early:\n{self.driver.communicate()[1][-2000:]}"
+        return self.driver
+
+    def rerun_and_check(self) -> Manifest:
+        """Rerun after the interruption (at full speed): it commits one row per image, the only committed run."""
+        self.store.delay = 0
+        stop_group(self.driver)
+        rerun = cli("run", str(self.spec), "--quiet")
+        stdout, stderr = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, stderr[-3000:]
+        (manifest,) = read_manifests(OutputLocation.open(str(self.out)))
+        assert f"progress of crashed run {', '.join(manifest.plan.adopted_from)}" in stdout
+        assert manifest.plan.adopted + manifest.plan.to_read == len(self.images)
+        rows = committed_rows(str(self.out))
+        assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{self.bucket}/in/{name}" for name in self.images)
+        assert {r["status"] for r in rows} == {"ok"} and {r["run_id"] for r in rows} == {manifest.run_id}
+        assert not (self.out / "_staging").exists()
+        return manifest
+
+
+@contextlib.contextmanager
+def a_slow_run(s3, tmp_path: Path, **output) -> Iterator[SlowRun]:
     fs, bucket, storage_options = s3
     images = pictures(24)
     for name, data in images.items():
         fs.pipe_file(f"{bucket}/in/{name}", data)
     out = tmp_path / "out"
-    with FaultProxy(storage_options["endpoint_url"], delay=0.3) as slow_store:  # a run long enough to kill
+    with FaultProxy(storage_options["endpoint_url"], delay=0.3) as slow_store:
         document = spec_document(f"s3://{bucket}/in/", str(out), {"endpoint_url": slow_store.endpoint})
         document["input"]["files_per_task"] = 2
-        document["output"]["rows_per_file"] = 2
+        document["output"].update(output)
         spec = tmp_path / "job.yaml"
         spec.write_text(yaml.safe_dump(document))
-        driver = cli("run", str(spec), "--quiet")
-        staging = out / "_staging"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            if len(list(staging.glob("*/_progress/*.json"))) >= 3 and len(list(staging.glob("*/*.parquet"))) >= 2:
-                break
-            time.sleep(0.05)
-        assert driver.poll() is None, f"the run ended before it could be killed:\n{driver.communicate()[1][-2000:]}"
+        run = SlowRun(images, bucket, out, spec, slow_store)
+        try:
+            yield run
+        finally:
+            if run.driver is not None:
+                stop_group(run.driver)
+
+
+def test_a_driver_killed_mid_run_leaves_nothing_visible_and_the_rerun_adopts_its_progress(s3, tmp_path):
+    with a_slow_run(s3, tmp_path, rows_per_file=2) as job:
+        driver = job.start(
+            lambda staging: (
+                len(list(staging.glob("*/_progress/*.json"))) >= 3 and len(list(staging.glob("*/*.parquet"))) >= 2
+            )
+        )
         assert processes_of_session(driver.pid, seconds=0)  # its local cluster, as this test finds it
         driver.send_signal(signal.SIGKILL)  # the driver only: what its cluster still runs is left to itself
         driver.communicate()
-        slow_store.delay = 0
-
         time.sleep(3)  # anything the dead driver's cluster still had in flight
-        assert not (out / "_runs").exists() and committed_rows(str(out)) == []  # nothing visible
-        (crashed,) = [p.name for p in staging.iterdir()]
+        assert not (job.out / "_runs").exists() and committed_rows(str(job.out)) == []  # nothing visible
+        (crashed,) = [p.name for p in (job.out / "_staging").iterdir()]
         # The dead driver's local cluster goes with it (Ray's fate sharing): no process of its session lingers.
         assert processes_of_session(driver.pid, seconds=30) == []
 
-        stop_group(driver)
-        rerun = cli("run", str(spec), "--quiet")
-        stdout, stderr = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, stderr[-3000:]
-    assert f"progress of crashed run {crashed}" in stdout
-
-    (manifest,) = read_manifests(OutputLocation.open(str(out)))
-    plan = manifest.plan
-    assert plan.adopted_from == [crashed] and plan.adopted >= 2  # finished shards were not read again
-    assert plan.adopted + plan.to_read == len(images)
-    rows = committed_rows(str(out))
-    assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{bucket}/in/{name}" for name in images)
-    assert {r["status"] for r in rows} == {"ok"} and {r["run_id"] for r in rows} == {manifest.run_id}
-    assert not (out / "_staging").exists()
+        manifest = job.rerun_and_check()
+    assert manifest.plan.adopted_from == [crashed] and manifest.plan.adopted >= 2  # finished shards not read again
 
 
 def test_ctrl_c_stops_gently_keeps_what_was_read_and_the_rerun_adopts_it(s3, tmp_path):
     """A first Ctrl-C, sent to the whole process group as a terminal sends it: the shards being read are finished,
     predicted and written, the rest are left; nothing is committed, and the rerun adopts every shard read."""
-    fs, bucket, storage_options = s3
-    images = pictures(24)
-    for name, data in images.items():
-        fs.pipe_file(f"{bucket}/in/{name}", data)
-    out = tmp_path / "out"
-    with FaultProxy(storage_options["endpoint_url"], delay=0.3) as slow_store:  # a run long enough to stop
-        document = spec_document(f"s3://{bucket}/in/", str(out), {"endpoint_url": slow_store.endpoint})
-        document["input"]["files_per_task"] = 2  # the default rows_per_file: no file is written before the end
-        spec = tmp_path / "job.yaml"
-        spec.write_text(yaml.safe_dump(document))
-        driver = cli("run", str(spec), "--quiet")
-        progress = out / "_staging"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            if len(list(progress.glob("*/_progress/*.json"))) >= 2:
-                break
-            time.sleep(0.05)
-        assert driver.poll() is None, f"the run ended before it could be stopped:\n{driver.communicate()[1][-2000:]}"
+    with a_slow_run(s3, tmp_path) as job:  # the default rows_per_file: no file is written before the end
+        driver = job.start(lambda staging: len(list(staging.glob("*/_progress/*.json"))) >= 2)
         os.killpg(driver.pid, signal.SIGINT)
         _, stderr = driver.communicate(timeout=240)
-        slow_store.delay = 0
-        stop_group(driver)
         assert driver.returncode == 130, stderr[-3000:]
         assert "stopping: the shards being read are finished and written" in stderr
         stopped = re.search(r"run (\S+) stopped: (\d+) of 24 shards read and written, nothing committed", stderr)
         assert stopped, stderr[-3000:]
-        assert not (out / "_runs").exists() and committed_rows(str(out)) == []  # nothing visible
+        assert not (job.out / "_runs").exists() and committed_rows(str(job.out)) == []  # nothing visible
         shards_read = int(stopped.group(2))
         assert 4 <= shards_read < 24
-        assert list((progress / stopped.group(1)).glob("*.parquet"))  # what was read was written
+        assert list((job.out / "_staging" / stopped.group(1)).glob("*.parquet"))  # what was read was written
 
-        rerun = cli("run", str(spec), "--quiet")
-        stdout, stderr = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, stderr[-3000:]
-    assert f"progress of crashed run {stopped.group(1)}" in stdout
-    (manifest,) = read_manifests(OutputLocation.open(str(out)))
+        manifest = job.rerun_and_check()
+    assert manifest.plan.adopted_from == [stopped.group(1)]
     assert manifest.plan.adopted == shards_read  # every shard the stopped run read; none read twice
-    assert manifest.plan.adopted + manifest.plan.to_read == len(images)
-    rows = committed_rows(str(out))
-    assert sorted(r["image_id"] for r in rows) == sorted(f"s3://{bucket}/in/{name}" for name in images)
-    assert not (out / "_staging").exists()
 
 
 @pytest.fixture(scope="module")
