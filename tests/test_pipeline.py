@@ -238,7 +238,7 @@ def test_s3_layouts(layout, layout_images, s3):
     with fs.open(f"{bucket}/out/{manifest['files'][0]}", "rb") as f:
         parquet = pq.ParquetFile(f)
         table = parquet.read()
-        physical = {parquet.schema.column(i).physical_type for i in range(parquet.schema.num_columns)}
+        physical = {parquet.schema.column(i).physical_type for i in range(len(parquet.schema))}
     # float16 embeddings are stored as float32 values rounded to half precision: every engine reads them (Spark
     # cannot read Parquet's FLOAT16), and compressed they take about what float16 would.
     embedding = table.schema.field("embedding").type
