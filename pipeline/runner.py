@@ -373,8 +373,11 @@ def check_resources(spec: JobSpec, nodes: list[dict[str, float]], addable: list[
     known, and then what does not fit now is only a warning: an autoscaler may add a node for it).
     """
     inference = spec.inference
-    actor = {"CPU": inference.cpus_per_actor, "GPU": inference.gpus_per_actor, "memory": inference.actor_memory_gb}
-    actor["memory"] *= GIB
+    actor = {
+        "CPU": inference.cpus_per_actor,
+        "GPU": inference.gpus_per_actor,
+        "memory": inference.actor_memory_gb * GIB,
+    }
     fields = {"CPU": "cpus_per_actor", "GPU": "gpus_per_actor", "memory": "actor_memory_gb"}
 
     def short(shape: dict[str, float], need: dict[str, float]) -> list[str]:
