@@ -12,7 +12,6 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.runs import OutputLocation, StagedFile, write_staged
-from pipeline.storage import with_retries
 
 
 class RunSink(Datasink):
@@ -38,14 +37,12 @@ class RunSink(Datasink):
         if not tables:
             return []
         table = pa.concat_tables(tables).combine_chunks()
-        return [
-            with_retries(
-                lambda index=index, start=start: write_staged(
-                    self.location,
-                    self.run_id,
-                    f"part-{ctx.task_idx:06d}-{index:03d}.parquet",
-                    table.slice(start, self.rows_per_file),
-                )
+        return [  # write_staged retries what a store fails transiently
+            write_staged(
+                self.location,
+                self.run_id,
+                f"part-{ctx.task_idx:06d}-{index:03d}.parquet",
+                table.slice(start, self.rows_per_file),
             )
             for index, start in enumerate(range(0, table.num_rows, self.rows_per_file))
         ]
