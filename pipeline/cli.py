@@ -63,14 +63,14 @@ INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGIN
 
 
 def _run_job(spec, address: str | None, quiet: bool, full: bool = False, retry_failed: bool = False):
-    from pipeline.runner import PreflightError, RunFailed, RunStopped, run
+    from pipeline.runner import PreflightError, RunConflict, RunFailed, RunStopped, run
     from pipeline.sources import InputError
 
     try:
         return run(spec, address=address, progress=not quiet, full=full, retry_failed=retry_failed)
     except (InputError, PreflightError) as error:
         raise _fail(str(error)) from None
-    except RunFailed as error:
+    except (RunFailed, RunConflict) as error:
         raise _fail(str(error), code=1) from None
     except RunStopped as error:
         raise _fail(str(error), code=INTERRUPTED) from None
@@ -104,7 +104,7 @@ def _root_cause(error: BaseException) -> str:
 def _summary(result) -> None:
     plan = result.plan
     shards = f"{plan.to_read} read, {plan.skipped_unchanged} unchanged, {plan.adopted} adopted"
-    if result.manifest_url is None:
+    if result.version is None:
         _say(f"Nothing to do ({plan.mode} run over {plan.listed} shards: {shards}).")
         _say(f"  output      {result.output_url} (no run committed)")
         return
@@ -122,7 +122,7 @@ def _summary(result) -> None:
         f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s{once_running}",
         f"  stages      {stages}",
         f"  output      {result.output_url}",
-        f"  manifest    {result.manifest_url}",
+        f"  committed   version {result.version} of the Delta table {result.output_url.rstrip('/')}/predictions",
     ]
     head = Text.assemble(_text(f"run {result.run_id}", "bold"), _text(f" ({plan.mode})"))
     console.print(head, _text("\n".join(lines)), sep="\n", soft_wrap=True)
@@ -165,12 +165,18 @@ def retry_failed_command(
     """
     _quiet_tensorflow()
     from pipeline.credentials import without_redacted
-    from pipeline.runs import OutputLocation, read_manifests
+    from pipeline.runs import OutputLocation
     from pipeline.spec import SpecError, parse_spec
+    from pipeline.tables import LegacyOutputError, check_format, read_manifests
 
-    manifests = read_manifests(OutputLocation.open(output))
+    location = OutputLocation.open(output)
+    try:
+        check_format(location)
+    except LegacyOutputError as error:
+        raise _fail(str(error)) from None
+    manifests = read_manifests(location)
     if not manifests:
-        raise _fail(f"{output}: no committed run to retry (nothing under _runs/)")
+        raise _fail(f"{output}: no committed run to retry")
     document = without_redacted(manifests[-1].spec)
     document["output"]["url"] = output
     try:

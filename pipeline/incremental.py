@@ -6,10 +6,11 @@ precision, XLA) is not part of it. An incremental run skips every shard that a c
 the same work key, at the same ETag and size; a shard whose ETag or size changed is processed again and its new rows
 supersede the old ones in the ``latest`` view.
 
-A crashed run (its driver is dead: see :mod:`pipeline.runs`) leaves rows and progress records in its staging folder.
-The next run with the same work key *adopts* them: it copies the rows of every shard the crashed run finished (same
-ETag and size as now) into its own staging, relabelled with its own run id, and reads only the rest. Copying, not
-taking over the folder, means two runs that adopt the same crash at once each commit a whole run of their own.
+A crashed run (its driver is dead: see :mod:`pipeline.runs`) leaves data files and progress records. The next run
+with the same work key *adopts* them: it commits, as its own, the crashed run's data files that hold only shards the
+crashed run finished (same ETag and size as now), and reads only the rest. Nothing is copied: the run id is the
+commit's partition value, not a column of the file. The commit claims the crashed run (:mod:`pipeline.tables`), so
+two runs that adopt the same crash at once never both commit its files: the second fails and its rerun finishes.
 """
 
 from __future__ import annotations
@@ -21,24 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.manifest import PlanSummary
 from pipeline.runs import (
-    CrashedRun,
     OutputLocation,
     StagedFile,
-    read_manifests,
     read_progress,
-    read_shards,
-    read_table,
+    record_files,
     staged_files,
-    write_staged,
 )
 from pipeline.sources import Shard, ShardRead, unreadable_id
 from pipeline.spec import JobSpec
 from pipeline.storage import version_of, with_retries, write_bytes
+from pipeline.tables import RUNS, SHARDS, CrashedRun, dataset
 
 Mode = str  # "full" | "incremental" | "retry-failed"
 
@@ -91,7 +87,7 @@ class Plan:
     skipped: int = 0  # already covered by a committed run
     adopted_shards: list[dict[str, Any]] = field(default_factory=list)
     adopted_from: list[str] = field(default_factory=list)
-    adopted_files: list[StagedFile] = field(default_factory=list)  # their rows, copied into this run's staging
+    adopted_files: list[StagedFile] = field(default_factory=list)  # the crashed run's files this run commits
 
     def summary(self) -> PlanSummary:
         return PlanSummary(
@@ -116,12 +112,18 @@ def plan_run(spec: JobSpec, shards: list[Shard], location: OutputLocation, key: 
 
 def covered_shards(location: OutputLocation, key: str) -> dict[str, tuple]:
     """Shard URL -> (etag, size) of its newest whole processing by a committed run with this work key."""
-    manifests = [m for m in read_manifests(location) if m.model.key == key]
-    table = read_shards(location, manifests)
-    covered: dict[str, tuple] = {}
-    for row in table.filter(pc.invert(table.column("partial"))).to_pylist():  # in commit order: newest wins
-        covered[row["url"]] = (row["etag"], row["size"])
-    return covered
+    import duckdb
+
+    with duckdb.connect() as db:
+        db.register("shards", dataset(location, SHARDS))
+        db.register("runs", dataset(location, RUNS))
+        found = db.execute(
+            "SELECT s.url, s.etag, s.size FROM shards s JOIN runs r USING (run_id) "
+            "WHERE s.work_key = $key AND NOT s.partial "
+            "QUALIFY row_number() OVER (PARTITION BY s.url ORDER BY r.version DESC) = 1",
+            {"key": key},
+        ).fetchall()
+    return {url: (etag, size) for url, etag, size in found}
 
 
 def plan_retry(shards: list[Shard], location: OutputLocation) -> Plan:
@@ -146,71 +148,46 @@ def plan_retry(shards: list[Shard], location: OutputLocation) -> Plan:
 def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: Plan, run_id: str) -> None:
     """Take over the finished shards of the newest crashed run with this work key (see the module docstring).
 
-    Shards it finished that this plan still wants, at the same version, are removed from ``plan.reads`` and their
-    rows copied into ``run_id``'s staging. A crashed run that vanishes meanwhile (adopted and committed by another
-    run) is simply not adopted.
+    Shards it finished that this plan still wants, at the same version, whose rows all lie in files that hold
+    finished shards only, are removed from ``plan.reads``; those files become ``plan.adopted_files``.
     """
     candidate = next((run for run in crashed if run.key == key), None)
     if candidate is None or not plan.reads:
         return
     wanted = {read.shard: read for read in plan.reads}
-    try:
-        progress = read_progress(location, candidate.run_id)
-        done = {}
-        for entry in progress.values():
-            match = wanted.get(Shard.from_record(entry))
-            if match is not None and bool(entry.get("partial")) == (match.only is not None):
-                done[entry["url"]] = entry
-        if not done:
-            return
-        copied, plan.adopted_files = _copy_rows(location, candidate.run_id, done, run_id)
-    except FileNotFoundError:
+    done = {}
+    for entry in read_progress(location, candidate.run_id).values():
+        match = wanted.get(Shard.from_record(entry))
+        if match is not None and bool(entry.get("partial")) == (match.only is not None):
+            done[entry["url"]] = entry
+    files, finished = adoptable(staged_files(location, candidate.run_id), {url: e["rows"] for url, e in done.items()})
+    if not finished:
         return
-    plan.reads = [read for read in plan.reads if read.shard.url not in copied]
-    plan.adopted_shards = [done[url] for url in sorted(copied)]
+    plan.reads = [read for read in plan.reads if read.shard.url not in finished]
+    plan.adopted_shards = [done[url] for url in sorted(finished)]
     plan.adopted_from = [candidate.run_id]
-    # Recorded like a read task's progress, so that a crash of this run can be adopted in turn.
-    write_bytes(
-        location.fs,
-        location.progress_record(run_id, f"adopted-{candidate.run_id}"),
-        json.dumps(plan.adopted_shards).encode(),
-    )
+    plan.adopted_files = files
+    # Recorded like this run's own progress and files, so that a crash of this run can be adopted in turn.
+    name = f"adopted-{candidate.run_id}"
+    write_bytes(location.fs, location.progress_record(run_id, name), json.dumps(plan.adopted_shards).encode())
+    record_files(location, run_id, name, files)
 
 
-def _copy_rows(
-    location: OutputLocation, source_run: str, done: dict[str, dict], run_id: str
-) -> tuple[set[str], list[StagedFile]]:
-    """Copy the rows of finished shards; a shard is finished when all the rows its read task counted are staged.
-    Returns the finished shards' URLs and the files written.
+def adoptable(files: list[StagedFile], finished_rows: dict[str, int]) -> tuple[list[StagedFile], set[str]]:
+    """The files that can be committed whole, and the shards they hold all of.
 
-    Two passes, one file in memory at a time: count rows per shard, then copy the rows of complete shards.
+    A shard is taken when every row its read task counted lies in files that hold taken shards only: a file that
+    also holds rows of an unfinished shard cannot be committed (those rows would be half a shard), and then neither
+    can the other shards in it, until nothing changes.
     """
-    fs = location.fs
-    readable, counts = [], defaultdict(int)
-    for path in staged_files(location, source_run):
-        try:
-            sources = with_retries(lambda path=path: read_table(fs, path, ["source"])).column("source")
-        except FileNotFoundError:
-            raise
-        except Exception:
-            continue  # a file the crash cut short: its shards are not finished
-        readable.append(path)
-        for url, count in _counts(sources).items():
-            counts[url] += count
-    complete = {url for url, entry in done.items() if counts.get(url, 0) == entry["rows"]}
-    wanted = pa.array(sorted(complete), pa.string())
-    written = []
-    for index, path in enumerate(readable):
-        table = with_retries(lambda path=path: read_table(fs, path))
-        table = table.filter(pc.is_in(table.column("source"), wanted))
-        if not table.num_rows:
-            continue
-        table = table.set_column(
-            table.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * table.num_rows, pa.string())
-        )
-        written.append(write_staged(location, run_id, f"adopted-{source_run}-{index:05d}.parquet", table))
-    return complete, written
-
-
-def _counts(column: pa.ChunkedArray) -> dict[str, int]:
-    return {item["values"]: item["counts"] for item in pc.value_counts(column).to_pylist()}
+    taken = set(finished_rows)
+    while True:
+        usable = [f for f in files if all(url in taken for url, _ in f.sources)]
+        counts: dict[str, int] = defaultdict(int)
+        for file in usable:
+            for url, rows in file.sources:
+                counts[url] += rows
+        still = {url for url in taken if counts.get(url, 0) == finished_rows[url]}
+        if still == taken:
+            return usable, taken
+        taken = still

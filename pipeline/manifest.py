@@ -1,6 +1,7 @@
 """A committed run's manifest, typed: what ran (spec, model, work key), what it did (plan, counts), how it went (time
-per stage, actors), and what it committed (files, shards). The runner builds it; query, report, incremental planning
-and the CLI read it. Stored as JSON; :meth:`Manifest.from_json` also reads manifests written before this class.
+per stage, actors), and where it was committed (the predictions table's version). The runner builds it; query,
+report, incremental planning and the CLI read it. Stored as JSON (in the run's Delta commit and its ``runs`` row);
+:meth:`Manifest.from_json` also reads manifests written by older versions.
 """
 
 from __future__ import annotations
@@ -70,17 +71,15 @@ class Manifest:
     status: str = "committed"
     # Set when the run is committed:
     committed_at: str | None = None
-    files: list[str] = field(default_factory=list)  # relative to the output
-    shards_file: str | None = None
-    replaces: list[str] = field(default_factory=list)  # crashed runs' staging folders this one adopted or superseded
+    version: int | None = None  # of the predictions table, holding the run's rows
 
     @property
     def name(self) -> str | None:
         return self.spec.get("name")
 
     @property
-    def commit_order(self) -> tuple[str, str]:
-        return self.committed_at or self.finished_at or "", self.run_id
+    def commit_order(self) -> tuple[int, str]:
+        return -1 if self.version is None else self.version, self.run_id
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

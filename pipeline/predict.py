@@ -166,7 +166,8 @@ class Predictor:
         self.embedding_dtype = embedding_dtype
         self.run_id = run_id
         self.timer = timer
-        self.schema = output_schema(model.output["embedding"].shape[-1])
+        self.schema = output_schema()
+        self.embedding_dim = model.output["embedding"].shape[-1]
 
         self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
         self.startup_seconds = time.perf_counter() - started
@@ -195,7 +196,7 @@ class Predictor:
             pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the common case
             ok_ids, ok_scores, ok_embeddings = self.compiled(pixels)
         else:
-            dim = self.schema.field("embedding").type.list_size
+            dim = self.embedding_dim
             ok_ids = np.zeros((0, self.top_k), np.int32)
             ok_scores = np.zeros((0, self.top_k), np.float32)
             ok_embeddings = np.zeros((0, dim), np.float32)
@@ -225,11 +226,13 @@ class Predictor:
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
         top_k = pa.ListArray.from_arrays(offsets, top_k_values, type=TOP_K_TYPE, mask=pa.array(error))
 
-        embedding_type = self.schema.field("embedding").type
         stored = embeddings.astype(np.float16).astype(np.float32) if self.embedding_dtype == "float16" else embeddings
         embedding_mask = np.ones(n, bool) if self.embedding_dtype == "none" else error
-        embedding = pa.FixedSizeListArray.from_arrays(
-            pa.array(stored.reshape(-1)), type=embedding_type, mask=pa.array(embedding_mask)
+        embedding = pa.ListArray.from_arrays(
+            pa.array(np.arange(n + 1, dtype=np.int32) * dim),
+            pa.array(stored.reshape(-1)),
+            type=self.schema.field("embedding").type,
+            mask=pa.array(embedding_mask),
         )
         known_size = batch["width"] >= 0
         now = datetime.now(timezone.utc)

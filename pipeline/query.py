@@ -1,16 +1,16 @@
-"""DuckDB over the committed runs of an output location, local or on object storage.
+"""DuckDB over an output's Delta Lake tables, local or on object storage.
 
-Views (only committed runs are ever seen: every file is taken from a manifest, never from a directory listing):
+Views (only committed rows are ever seen: each table is read as of its Delta log, never by listing files):
 
-``predictions``  every committed row; ``embedding`` is a fixed-size ``FLOAT[D]`` array
-``latest``       one row per image: its newest committed result. A later run that read a shard whole replaces
-                 everything older from that shard; a retry of single images replaces just those images.
+``predictions``  every committed row (the ``predictions`` table); ``embedding`` is a ``FLOAT[]`` of D values
+``latest``       one row per image: its newest committed result (the ``latest`` table). A later run that read a
+                 shard whole replaces everything older from that shard; a retry of single images replaces just those.
 ``errors``       the rows of ``latest`` that failed
-``runs``         one row per committed run, from the manifests, in commit order (``seq``)
-``shards``       the shards each run processed, with their ETag, size and row count
+``runs``         one row per committed run, in commit order (``seq``; ``version``: of the predictions table)
+``shards``       the shards each committed run processed, with their ETag, size and row count
 
-Files are read through fsspec (s3fs, gcsfs, ...), so DuckDB needs no extension and no download. The SQL asked is
-run as given, file functions (``read_csv``, ``COPY``, ``ATTACH``, ``INSTALL``) included; ``connect(..., safe=True)``
+The tables are read through delta-rs into Arrow, so DuckDB needs no extension and no download. The SQL asked is run
+as given, file functions (``read_csv``, ``COPY``, ``ATTACH``, ``INSTALL``) included; ``connect(..., safe=True)``
 shuts DuckDB off from files, URLs and extensions once the views are registered, for SQL that comes from elsewhere.
 
 Results stream (:func:`export`, :func:`relation`): DuckDB writes files itself (``COPY ... TO``), and readers get
@@ -25,6 +25,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,16 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from pipeline.manifest import Manifest
-from pipeline.runs import OutputLocation, committed_paths, read_manifests, read_shards
-from pipeline.sink import arrow_filesystem, output_schema
+from pipeline import tables
+from pipeline.runs import LATEST, PREDICTIONS, RUNS, SHARDS, OutputLocation
 
-LATEST = """
-CREATE VIEW latest AS
-WITH ordered AS (  -- narrow columns only: deciding which row wins never moves embeddings around
-    SELECT p.image_id, p.source, p.run_id, p.processed_at, r.seq FROM predictions p JOIN runs r USING (run_id)
-), last_whole AS (  -- the newest run that read each shard whole
-    SELECT s.url AS source, max(r.seq) AS seq FROM shards s JOIN runs r USING (run_id)
-    WHERE NOT s.partial GROUP BY s.url
-), winners AS (
-    SELECT o.image_id, o.run_id FROM ordered o LEFT JOIN last_whole w USING (source)
-    WHERE o.seq >= coalesce(w.seq, 0)
-    QUALIFY row_number() OVER (PARTITION BY o.image_id ORDER BY o.seq DESC, o.processed_at DESC) = 1
+VIEWS = (
+    "CREATE VIEW predictions AS SELECT * FROM _predictions",
+    "CREATE VIEW latest AS SELECT * FROM _latest",
+    "CREATE VIEW errors AS SELECT * FROM latest WHERE status = 'error'",
+    "CREATE VIEW runs AS SELECT row_number() OVER (ORDER BY version)::INTEGER AS seq, * FROM _runs ORDER BY version",
+    "CREATE VIEW shards AS SELECT s.* FROM _shards s SEMI JOIN _runs r USING (run_id)",  # committed runs' only
 )
-SELECT p.* FROM predictions p SEMI JOIN winners w ON p.image_id = w.image_id AND p.run_id = w.run_id
-"""
 
 
 SAFE_SETTINGS = (
@@ -63,22 +56,18 @@ SAFE_SETTINGS = (
 def connect(
     output: str | OutputLocation, storage_options: dict | None = None, *, safe: bool = False
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the views above registered over ``output``'s committed runs.
+    """An in-memory DuckDB connection with the views above registered over ``output``'s tables.
 
     ``safe``: the connection reads the views and nothing else. The views read Arrow datasets that Python opened, so
     they work on; every file, URL, database and extension DuckDB would open itself is refused, and so is any SET.
     """
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
-    manifests = read_manifests(location)
+    tables.check_format(location)
     db = duckdb.connect()
-    db.register("_predictions", dataset(location, manifests=manifests))
-    db.register("_runs", _runs_table(manifests))
-    db.register("_shards", read_shards(location, manifests))
-    db.execute("CREATE VIEW predictions AS SELECT * FROM _predictions")
-    db.execute("CREATE VIEW runs AS SELECT * FROM _runs")
-    db.execute("CREATE VIEW shards AS SELECT * FROM _shards")
-    db.execute(LATEST)
-    db.execute("CREATE VIEW errors AS SELECT * FROM latest WHERE status = 'error'")
+    for name in (PREDICTIONS, LATEST, RUNS, SHARDS):
+        db.register(f"_{name}", tables.dataset(location, name))
+    for view in VIEWS:
+        db.execute(view)
     if safe:
         for setting in SAFE_SETTINGS:
             db.execute(setting)
@@ -86,64 +75,14 @@ def connect(
 
 
 def dataset(
-    output: str | OutputLocation, storage_options: dict | None = None, manifests: list[Manifest] | None = None
+    output: str | OutputLocation,
+    storage_options: dict | None = None,
+    table: str = PREDICTIONS,
+    as_of: int | str | datetime | None = None,
 ) -> ds.Dataset:
-    """A pyarrow dataset of every committed row (files named by manifests, read through fsspec)."""
+    """One of the output's tables as a pyarrow dataset (committed files only), as of a version or a time."""
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
-    manifests = read_manifests(location) if manifests is None else manifests
-    files = committed_paths(location, manifests)
-    if not files:
-        return ds.dataset(output_schema(2048).empty_table())
-    return ds.dataset(files, format="parquet", filesystem=arrow_filesystem(location.fs))
-
-
-RUN_COLUMNS = {
-    "seq": pa.int32(),
-    "run_id": pa.string(),
-    "name": pa.string(),
-    "mode": pa.string(),
-    "started_at": pa.string(),
-    "committed_at": pa.string(),
-    "wall_seconds": pa.float64(),
-    "rows": pa.int64(),
-    "ok": pa.int64(),
-    "error": pa.int64(),
-    "images_per_second": pa.float64(),
-    "architecture": pa.string(),
-    "weights": pa.string(),
-    "fingerprint": pa.string(),
-    "work_key": pa.string(),
-    "shards_read": pa.int64(),
-    "shards_skipped": pa.int64(),
-    "shards_adopted": pa.int64(),
-}
-
-
-def _runs_table(manifests: list[Manifest]) -> pa.Table:
-    rows = [
-        {
-            "seq": seq,
-            "run_id": m.run_id,
-            "name": m.name,
-            "mode": m.plan.mode,
-            "started_at": m.started_at,
-            "committed_at": m.commit_order[0],
-            "wall_seconds": m.wall_seconds,
-            "rows": m.counts.rows,
-            "ok": m.counts.ok,
-            "error": m.counts.error,
-            "images_per_second": m.images_per_second,
-            "architecture": m.model.architecture,
-            "weights": m.model.weights,
-            "fingerprint": m.model.fingerprints,
-            "work_key": m.model.key,
-            "shards_read": m.plan.to_read,
-            "shards_skipped": m.plan.skipped_unchanged,
-            "shards_adopted": m.plan.adopted,
-        }
-        for seq, m in enumerate(manifests, start=1)
-    ]
-    return pa.Table.from_pylist(rows, pa.schema(list(RUN_COLUMNS.items())))
+    return tables.dataset(location, table, as_of)
 
 
 class QueryError(ValueError):

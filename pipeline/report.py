@@ -12,7 +12,8 @@ from typing import Any
 
 from pipeline.manifest import Manifest
 from pipeline.query import QueryError, connect
-from pipeline.runs import OutputLocation, read_manifests
+from pipeline.runs import OutputLocation
+from pipeline.tables import read_manifests
 
 SCORE_BINS = 10
 TOP_LABELS = 20

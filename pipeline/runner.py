@@ -1,7 +1,7 @@
 """Turns a JobSpec into a Ray Data plan and runs it.
 
     shards (listed once, here) -> read + decode (CPU tasks, one per shard or group of files)
-        -> predict (actor pool, one model per actor) -> write Parquet (staged) -> commit (manifest last)
+        -> predict (actor pool, one model per actor) -> write Parquet data files -> commit (one Delta commit)
 
 Everything that can be checked before work starts is checked here first: the input lists and is not empty, the
 weights and labels exist, the output is writable. Only then does Ray start.
@@ -30,17 +30,24 @@ from pipeline.runs import (
     OutputLocation,
     StagedFile,
     StagedOutput,
-    commit,
     discard,
     new_run_id,
     read_progress,
-    recover,
     staged_files,
 )
 from pipeline.sink import output_schema, row_bytes, rows_per_file
 from pipeline.sources import InputError, ReadTask, Shard, ShardRead, check_columns, list_shards
 from pipeline.spec import JobSpec
 from pipeline.storage import is_within
+from pipeline.tables import (
+    AdoptionLost,
+    LegacyOutputError,
+    check_format,
+    commit,
+    ensure_tables,
+    forget_adoption,
+    recover,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +74,16 @@ class RunStopped(RuntimeError):
     """A run stopped by a first Ctrl-C before every shard was read: what it finished is kept for the rerun."""
 
 
+class RunConflict(RuntimeError):
+    """Another run committed the crashed run this one adopted, first: nothing was committed, what this run wrote is
+    kept for the rerun."""
+
+
 @dataclass
 class RunResult:
     run_id: str
     output_url: str
-    manifest_url: str | None  # None: nothing to do, nothing committed
+    version: int | None  # of the predictions table, holding this run's rows; None: nothing to do, nothing committed
     rows: int
     ok: int
     error: int
@@ -137,6 +149,9 @@ def preflight(spec: JobSpec) -> list[Shard]:
     try:
         location = OutputLocation.open(spec.output.url, spec.output.storage_options)
         location.fs.makedirs(location.root, exist_ok=True)
+        check_format(location)
+    except LegacyOutputError as error:
+        raise PreflightError(f"output.url: {error}") from None
     except Exception as error:
         raise PreflightError(f"output.url: cannot write to {spec.output.url}: {error}") from None
     return shards
@@ -189,13 +204,14 @@ def run(
     """Run the job; raises InputError/PreflightError before any work, or the Ray error if the run fails.
 
     ``full`` ignores ``incremental``; ``retry_failed`` reads only the images whose newest committed row is an error.
-    A run that finds nothing to do commits nothing and returns a result with ``manifest_url`` None.
+    A run that finds nothing to do commits nothing and returns a result with ``version`` None.
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
     shards = preflight(spec)
     location = OutputLocation.open(spec.output.url, spec.output.storage_options)
     key, key_parts = work_key(spec)
+    ensure_tables(location)
     crashed = recover(location)
     run_id = run_id or new_run_id(started_at)
     with Lease(location, run_id, key):
@@ -251,11 +267,20 @@ def run(
             host={"python": platform.python_version(), "ray": ray.__version__},
         )
         same_work = [run.run_id for run in crashed if run.key == key]  # adopted, or superseded by this run
-        manifest_url = commit(location, run_id, staged, manifest, shard_records, replaces=same_work)
+        try:
+            version = commit(
+                location, run_id, staged, manifest, shard_records, replaces=same_work, adopted_from=plan.adopted_from
+            )
+        except AdoptionLost as error:
+            forget_adoption(location, run_id, plan.adopted_from)
+            raise RunConflict(
+                f"{error}: run {run_id} was not committed; rerun the same command to finish (it adopts what this "
+                "run wrote)"
+            ) from None
     return RunResult(
         run_id=run_id,
         output_url=location.url(),
-        manifest_url=manifest_url,
+        version=version,
         rows=staged.rows,
         ok=staged.ok,
         error=staged.error,
@@ -306,7 +331,7 @@ def _execute(
     context.print_on_execution_start = progress
     ray_started = time.perf_counter()
     timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
-    sink = RunSink(location, run_id, target_rows, output_schema(spec.model.embedding_dim))
+    sink = RunSink(location, run_id, target_rows, output_schema())
     try:
         with _first_interrupt_stops(timer) as stopped:
             _plan(spec, plan.reads, location, run_id, timer).write_datasink(sink)
@@ -571,4 +596,4 @@ def _model_record(
     )
 
 
-__all__ = ["InputError", "PreflightError", "RunFailed", "RunResult", "RunStopped", "preflight", "run"]
+__all__ = ["InputError", "PreflightError", "RunConflict", "RunFailed", "RunResult", "RunStopped", "preflight", "run"]

@@ -1,22 +1,21 @@
-"""Runs on an output location: ids, leases, staging, progress records, the commit protocol, and recovery.
+"""Where a run's files live on an output location, and the run's life before its commit: ids, leases, progress
+records, its data files, and its commit intent. The commit itself and everything committed are :mod:`pipeline.tables`.
 
-Layout under the output URL::
+Layout under the output URL (:class:`OutputLocation` is the only code that names these paths)::
 
-    _staging/<run>/                       a run at work; invisible (paths starting with _ are skipped by readers)
+    predictions/                          Delta table: every committed row, one Delta commit per run
+        run-<run>/part-*.parquet          the data files, written there by the run's write tasks; visible only
+                                          once a commit adds them (to this run, or to the run that adopted them)
+    latest/                               Delta table: one row per image, its newest committed result
+    shards/                               Delta table: the shards each run read (URL, ETag, size, rows, work key)
+    runs/                                 Delta table: one row per committed run, with its manifest
+    _staging/<run>/                       a run at work (no reader looks here)
         _lease.json                       who is running it (host, pid) and when it last said so (heartbeat)
         _progress/<task>.json             rows each finished shard gave: how a rerun tells done shards from half ones
-        *.parquet                         rows written so far
-        _commit.json                      the finished run's manifest: written when its content is final
-    predictions/run-<run>/part-NNNNN.parquet   the rows of committed runs
-    _runs/<run>.shards.parquet            the shards a committed run processed (url, etag, size, rows)
-    _runs/<run>.json                      the manifest: THE commit. A run is visible when, and only when, this exists
-
-Commit, in order: the shards table, then ``_commit.json`` (from here on the run's content is decided), then each
-file is moved under ``predictions/``, then the manifest is written in one piece (a PUT, or a rename on local disk),
-then staging is removed. A driver that dies in the middle leaves ``_commit.json`` behind; the next run on the output
-finds it and finishes the commit (roll forward). A driver that dies earlier leaves a staging folder with its
-progress, which the next run with the same work adopts (:mod:`pipeline.incremental`). Readers go by manifests
-(:func:`committed_files`, :mod:`pipeline.query`), so files moved but not yet committed are never read.
+        _files/<name>.json                each data file written, described (rows, shards, stats): adoption reads
+                                          these, never the Parquet files
+        _commit.json                      the commit intent: written when the run's content is final; a run that
+                                          dies after it is committed by the next run (roll forward)
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -36,29 +35,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import Manifest
 from pipeline.storage import is_local, read_json, with_retries, write_bytes, write_json
 
 PREDICTIONS = "predictions"
-RUNS = "_runs"
+LATEST = "latest"
+SHARDS = "shards"
+RUNS = "runs"
+TABLES = (PREDICTIONS, LATEST, SHARDS, RUNS)
 STAGING = "_staging"
 LEASE = "_lease.json"
 PROGRESS = "_progress"
+FILES = "_files"
 INTENT = "_commit.json"
+LEGACY_MANIFESTS = "_runs"  # where outputs written before Delta Lake kept their manifests
 
 HEARTBEAT_SECONDS = 30.0
 LEASE_SECONDS = 300.0  # a lease not renewed for this long belongs to a dead driver
-
-SHARDS_SCHEMA = pa.schema(
-    [
-        ("url", pa.string()),
-        ("format", pa.string()),
-        ("size", pa.int64()),
-        ("etag", pa.string()),
-        ("rows", pa.int64()),
-        ("partial", pa.bool_()),  # only some of its images were read (retrying failed ones)
-    ]
-)
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -93,11 +85,16 @@ class OutputLocation:
     def progress_record(self, run_id: str, name: str) -> str:
         return self.path(STAGING, run_id, PROGRESS, f"{name}.json")
 
-    def manifest_path(self, run_id: str) -> str:
-        return self.path(RUNS, f"{run_id}.json")
+    def table(self, name: str) -> str:
+        """The URL of one of the output's Delta tables, as delta-rs takes it (a plain path on local disk)."""
+        return self.path(name) if is_local(self.fs) else self.url(name)
 
-    def shards_path(self, run_id: str) -> str:
-        return self.path(RUNS, f"{run_id}.shards.parquet")
+    @property
+    def delta_options(self) -> dict[str, str]:
+        """The output's fsspec storage options, said the way delta-rs (object_store) takes them."""
+        from pipeline.storage import delta_storage_options
+
+        return delta_storage_options(self.fs, self.storage_options or {})
 
     def progress(self, run_id: str) -> dict[str, Any]:
         """What a worker needs to record progress for this run (plain data: it travels to Ray workers)."""
@@ -221,28 +218,39 @@ def read_progress(location: OutputLocation, run_id: str) -> dict[str, dict[str, 
     return entries
 
 
-# --- staged output ---
+# --- data files ---
 
 
 @dataclass(frozen=True)
 class StagedFile:
-    """One file a run wrote into its staging folder, described as it was written (never read back)."""
+    """One data file a run wrote, described as it was written (never read back): what its commit needs (the
+    Delta ``add``: path, size, stats) and what adoption needs (rows per shard)."""
 
-    path: str  # inside the output's filesystem
+    path: str  # relative to the predictions table: run-<run>/part-....parquet
+    size: int
     rows: int
     ok: int
     fingerprints: tuple[str, ...]  # of the weights that labelled its rows
+    sources: tuple[tuple[str, int], ...]  # (shard URL, rows) for every shard with rows in the file
+    stats: str  # Delta statistics (JSON): row count, min, max and nulls of the flat columns
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "sources": [list(pair) for pair in self.sources]}
 
     @classmethod
-    def of(cls, path: str, table: pa.Table) -> StagedFile:
-        ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
-        fingerprints = pc.unique(table.column("model_fingerprint").drop_null()).to_pylist()
-        return cls(path, table.num_rows, ok, tuple(sorted(fingerprints)))
+    def from_json(cls, document: dict[str, Any]) -> StagedFile:
+        return cls(
+            **{
+                **document,
+                "fingerprints": tuple(document["fingerprints"]),
+                "sources": tuple((url, rows) for url, rows in document["sources"]),
+            }
+        )
 
 
 @dataclass(frozen=True)
 class StagedOutput:
-    files: list[str]
+    files: list[StagedFile]
     rows: int
     ok: int
     error: int
@@ -253,86 +261,102 @@ class StagedOutput:
         files = sorted(files, key=lambda file: file.path)
         rows, ok = sum(f.rows for f in files), sum(f.ok for f in files)
         fingerprints = sorted({fingerprint for f in files for fingerprint in f.fingerprints})
-        return cls([f.path for f in files], rows, ok, rows - ok, fingerprints)
+        return cls(files, rows, ok, rows - ok, fingerprints)
 
 
-def staged_files(location: OutputLocation, run_id: str) -> list[str]:
-    return location.find(location.staging(run_id), ".parquet")
+def write_data_file(location: OutputLocation, run_id: str, name: str, table: pa.Table) -> StagedFile:
+    """Write ``table`` (rows of the output schema) as the data file ``name`` of run ``run_id``, whole or not at all,
+    then its record in the run's staging. The file holds every column but ``run_id``: a Delta partition value says
+    which run committed it (so a run that adopts the file needs no copy)."""
+    from pipeline.sink import file_schema
 
-
-def write_staged(location: OutputLocation, run_id: str, name: str, table: pa.Table) -> StagedFile:
-    """Write ``table`` as the Parquet file ``name`` of the run's staging folder (whole, or not at all)."""
+    table = table.select(file_schema().names).cast(file_schema())
     sink = pa.BufferOutputStream()
     # zstd: embeddings take about 0.8x the bytes snappy leaves, float16-rounded ones 0.75x (benchmarks/delta).
     pq.write_table(table, sink, compression="zstd")
-    path = location.staging(run_id, name)
-    write_bytes(location.fs, path, sink.getvalue().to_pybytes())
-    return StagedFile.of(path, table)
+    data = sink.getvalue().to_pybytes()
+    write_bytes(location.fs, location.path(PREDICTIONS, data_file(run_id, name)), data)
+    file = describe(data_file(run_id, name), len(data), table)
+    record_files(location, run_id, name, [file])
+    return file
 
 
-def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+def data_file(run_id: str, name: str) -> str:
+    """A data file's path inside the predictions table."""
+    return f"run-{run_id}/{name}"
 
 
-# --- commit ---
-
-
-def commit(
-    location: OutputLocation,
-    run_id: str,
-    staged: StagedOutput,
-    manifest: Manifest,
-    shards: Iterable[dict[str, Any]],
-    replaces: Iterable[str] = (),
-) -> str:
-    """Make a run visible, all of it at once. ``replaces``: staging folders of crashed runs this one adopted.
-
-    Returns the manifest URL.
-    """
-    fs = location.fs
-    moves = [
-        (path, location.path(PREDICTIONS, f"run-{run_id}", f"part-{index:05d}.parquet"))
-        for index, path in enumerate(staged.files)
-    ]
-    table = pa.Table.from_pylist([{name: s.get(name) for name in SHARDS_SCHEMA.names} for s in shards], SHARDS_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(fs, location.shards_path(run_id), sink.getvalue().to_pybytes())
-    committed = replace(
-        manifest,
-        committed_at=_now(),
-        files=[target[len(location.root) + 1 :] for _, target in moves],
-        shards_file=location.shards_path(run_id)[len(location.root) + 1 :],
-        replaces=sorted(set(replaces)),
+def describe(path: str, size: int, table: pa.Table) -> StagedFile:
+    ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+    fingerprints = pc.unique(table.column("model_fingerprint").drop_null()).to_pylist()
+    sources = {item["values"]: item["counts"] for item in pc.value_counts(table.column("source")).to_pylist()}
+    return StagedFile(
+        path=path,
+        size=size,
+        rows=table.num_rows,
+        ok=ok,
+        fingerprints=tuple(sorted(fingerprints)),
+        sources=tuple(sorted(sources.items())),
+        stats=json.dumps(file_stats(table)),
     )
-    intent = {**committed.to_json(), "moves": [[source, target] for source, target in moves]}
-    write_json(fs, location.path(STAGING, run_id, INTENT), intent)
-    return finish_commit(location, intent)
 
 
-def finish_commit(location: OutputLocation, intent: dict[str, Any]) -> str:
-    """Steps after the point of no return; each may be repeated, so a commit cut short can be finished later."""
-    fs, run_id = location.fs, intent["run_id"]
-    for source, target in intent["moves"]:
-        if location.exists(source):
-            if is_local(fs):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(source, target)
-            else:
-                with_retries(lambda source=source, target=target: fs.mv(source, target))
-        elif not location.exists(target):
-            raise RuntimeError(f"cannot finish the commit of run {run_id}: {source} is gone")
-    manifest = Manifest.from_json(intent)
-    write_json(fs, location.manifest_path(run_id), manifest.to_json())
-    for staging_run in [run_id, *manifest.replaces]:
-        discard(location, staging_run)
-    return location.url(RUNS, f"{run_id}.json")
+def file_stats(table: pa.Table) -> dict[str, Any]:
+    """Delta statistics of a table, exact: computed from the rows, for the string and integer columns (those an
+    engine prunes files by: ids, sources, labels, status). Timestamps and floats are left out, as Delta allows."""
+    stats: dict[str, Any] = {"numRecords": table.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for field in table.schema:
+        if not (pa.types.is_string(field.type) or pa.types.is_integer(field.type)):
+            continue
+        column = table.column(field.name)
+        stats["nullCount"][field.name] = column.null_count
+        bounds = pc.min_max(column).as_py()
+        if bounds["min"] is not None:
+            stats["minValues"][field.name], stats["maxValues"][field.name] = bounds["min"], bounds["max"]
+    return stats
 
 
-def discard(location: OutputLocation, run_id: str) -> None:
-    """Remove a run's staging folder (and ``_staging`` itself once no run is using it)."""
-    fs, staging = location.fs, location.staging(run_id)
+def record_files(location: OutputLocation, run_id: str, name: str, files: list[StagedFile]) -> None:
+    write_bytes(
+        location.fs, location.path(STAGING, run_id, FILES, f"{name}.json"), _dumps([f.to_json() for f in files])
+    )
+
+
+def staged_files(location: OutputLocation, run_id: str) -> list[StagedFile]:
+    """Every data file a run recorded (a file without a record was cut short and is not the run's)."""
+    paths = location.find(location.path(STAGING, run_id, FILES), ".json")
+    contents = with_retries(lambda: location.fs.cat(paths)) if paths else {}
+    return sorted(
+        (StagedFile.from_json(item) for data in contents.values() for item in json.loads(data)), key=lambda f: f.path
+    )
+
+
+# --- the commit intent ---
+
+
+def write_intent(location: OutputLocation, run_id: str, intent: dict[str, Any]) -> None:
+    write_bytes(location.fs, location.path(STAGING, run_id, INTENT), _dumps(intent))
+
+
+def read_intent(location: OutputLocation, run_id: str) -> dict[str, Any] | None:
+    try:
+        return read_json(location.fs, location.path(STAGING, run_id, INTENT))
+    except FileNotFoundError:
+        return None
+
+
+def discard(location: OutputLocation, run_id: str, keep: Iterable[str] = ()) -> None:
+    """Remove a run's staging folder and its data files, but those in ``keep`` (paths inside the predictions table:
+    committed ones). ``_staging`` itself goes once no run is using it."""
+    fs, keep = location.fs, set(keep)
+    folder = location.path(PREDICTIONS, f"run-{run_id}")
+    for path in location.find(folder):
+        if path[len(location.path(PREDICTIONS)) + 1 :] not in keep:
+            with_retries(lambda path=path: fs.rm(path) if fs.exists(path) else None)
+    if not keep and is_local(fs) and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    staging = location.staging(run_id)
     if location.exists(staging):
         with_retries(lambda: fs.rm(staging, recursive=True) if fs.exists(staging) else None)
     parent = location.path(STAGING)
@@ -343,80 +367,22 @@ def discard(location: OutputLocation, run_id: str) -> None:
         pass  # another run created its staging folder meanwhile
 
 
-# --- recovery ---
+def staging_runs(location: OutputLocation) -> list[str]:
+    return [folder.rstrip("/").rsplit("/", 1)[-1] for folder in location.list(location.path(STAGING))]
 
 
-@dataclass(frozen=True)
-class CrashedRun:
-    run_id: str
-    key: str | None  # the work key it ran with (None: it died before saying)
-
-
-def recover(location: OutputLocation) -> list[CrashedRun]:
-    """Clean up after dead drivers; returns the crashed runs whose progress can be adopted, newest first.
-
-    A dead run that had decided its content (``_commit.json``) is committed now. Files under ``predictions/`` that
-    no manifest names and no live run is committing are removed.
-    """
-    crashed: list[CrashedRun] = []
-    live: set[str] = set()
-    for folder in location.list(location.path(STAGING)):
-        run_id = folder.rstrip("/").rsplit("/", 1)[-1]
-        lease = read_lease(location, run_id)
-        if not lease_expired(lease):
-            live.add(run_id)
-            continue
-        intent_path = location.path(STAGING, run_id, INTENT)
-        if location.exists(intent_path):
-            finish_commit(location, read_json(location.fs, intent_path))
-        else:
-            crashed.append(CrashedRun(run_id, (lease or {}).get("key")))
-    committed = {m.run_id for m in read_manifests(location)}
+def data_folders(location: OutputLocation) -> dict[str, str]:
+    """Run id -> the folder of its data files, for every run folder under the predictions table."""
+    folders = {}
     for folder in location.list(location.path(PREDICTIONS)):
-        run_id = folder.rstrip("/").rsplit("/", 1)[-1].removeprefix("run-")
-        if run_id not in committed and run_id not in live:
-            with_retries(lambda folder=folder: location.fs.rm(folder, recursive=True))
-    return sorted(crashed, key=lambda run: run.run_id, reverse=True)
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("run-"):
+            folders[name.removeprefix("run-")] = folder
+    return folders
 
 
-# --- reading committed runs ---
-
-
-def read_manifests(location: OutputLocation) -> list[Manifest]:
-    """Manifests of committed runs, in commit order."""
-    paths = [p for p in location.list(location.path(RUNS)) if p.endswith(".json")]
-    contents = with_retries(lambda: location.fs.cat(paths)) if paths else {}
-    manifests = [Manifest.from_json(json.loads(data)) for data in contents.values()]
-    return sorted(manifests, key=lambda m: m.commit_order)
-
-
-def committed_files(url: str, storage_options: dict | None = None) -> list[str]:
-    """Every committed Parquet file under an output (local paths, or URLs): all that readers should read.
-
-    For a pyarrow dataset over them (with the same filesystem options) use :func:`pipeline.query.dataset`.
-    """
-    location = OutputLocation.open(url, storage_options)
-    paths = committed_paths(location, read_manifests(location))
-    return paths if is_local(location.fs) else [location.fs.unstrip_protocol(path) for path in paths]
-
-
-def committed_paths(location: OutputLocation, manifests: list[Manifest]) -> list[str]:
-    """The data files the given manifests commit, as paths inside the location's filesystem."""
-    return [location.path(relative) for manifest in manifests for relative in manifest.files]
-
-
-def read_shards(location: OutputLocation, manifests: list[Manifest]) -> pa.Table:
-    """The shards tables of the given committed runs, with ``run_id`` added (empty table when there are none)."""
-    tables = []
-    for manifest in manifests:
-        if manifest.shards_file is None:
-            continue
-        path = location.path(manifest.shards_file)
-        table = with_retries(lambda path=path: read_table(location.fs, path)).cast(SHARDS_SCHEMA)
-        tables.append(table.append_column("run_id", pa.array([manifest.run_id] * table.num_rows, pa.string())))
-    if not tables:
-        return SHARDS_SCHEMA.append(pa.field("run_id", pa.string())).empty_table()
-    return pa.concat_tables(tables)
+def _dumps(document: Any) -> bytes:
+    return json.dumps(document).encode()
 
 
 def _now() -> str:

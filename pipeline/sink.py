@@ -5,7 +5,7 @@
 | image_id, source, status, error | string (error null when ok) |
 | label, class_id, score | string, int32, float32 (top-1; null on error) |
 | top_k | list<struct<class_id int32, wnid string, label string, score float32>> (best first) |
-| embedding | fixed_size_list<float32>[D] (null on error, or everywhere with embedding_dtype none; float16: float32
+| embedding | list<float32> of D values (null on error, or everywhere with embedding_dtype none; float16: float32
   values rounded to half precision, which every engine reads and which compress to about half) |
 | width, height | int32 (of the original image; null when undecodable) |
 | model, model_fingerprint | string |
@@ -14,11 +14,7 @@
 
 from __future__ import annotations
 
-import fsspec
 import pyarrow as pa
-import pyarrow.fs as pafs
-
-from pipeline.storage import is_local
 
 TOP_K_TYPE = pa.list_(
     pa.struct([("class_id", pa.int32()), ("wnid", pa.string()), ("label", pa.string()), ("score", pa.float32())])
@@ -29,12 +25,13 @@ MAX_ROWS_PER_FILE = 50_000
 TARGET_FILE_BYTES = 32 * 1024 * 1024
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    # Not Parquet's FLOAT16, which Spark cannot read and Delta Lake has no type for.
-    return pa.list_(pa.float32(), dim)
+def embedding_type() -> pa.DataType:
+    # Not Parquet's FLOAT16, which Spark cannot read and Delta Lake has no type for; not a fixed-size list, which
+    # Delta has no type for either (Polars refuses files that hold one).
+    return pa.list_(pa.float32())
 
 
-def output_schema(embedding_dim: int) -> pa.Schema:
+def output_schema() -> pa.Schema:
     return pa.schema(
         [
             ("image_id", pa.string()),
@@ -45,7 +42,7 @@ def output_schema(embedding_dim: int) -> pa.Schema:
             ("class_id", pa.int32()),
             ("score", pa.float32()),
             ("top_k", TOP_K_TYPE),
-            ("embedding", embedding_type(embedding_dim)),
+            ("embedding", embedding_type()),
             ("width", pa.int32()),
             ("height", pa.int32()),
             ("model", pa.string()),
@@ -54,6 +51,12 @@ def output_schema(embedding_dim: int) -> pa.Schema:
             ("processed_at", pa.timestamp("us", tz="UTC")),
         ]
     )
+
+
+def file_schema() -> pa.Schema:
+    """The columns of a data file: all but ``run_id``, which the Delta log gives as a partition value."""
+    schema = output_schema()
+    return schema.remove(schema.get_field_index("run_id"))
 
 
 def row_bytes(embedding_dim: int, embedding_dtype: str, top_k: int) -> int:
@@ -67,10 +70,3 @@ def rows_per_file(embedding_dim: int, embedding_dtype: str, top_k: int, requeste
     if requested:
         return requested
     return max(1_000, min(MAX_ROWS_PER_FILE, TARGET_FILE_BYTES // row_bytes(embedding_dim, embedding_dtype, top_k)))
-
-
-def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """The same filesystem for pyarrow and Ray Data's writers (native for local disk)."""
-    if is_local(fs):
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -134,3 +134,38 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, document: Any) -> None:
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(with_retries(lambda: fs.cat_file(path)))
+
+
+# s3fs option -> delta-rs (object_store) option
+_S3_DELTA_OPTIONS = {
+    "key": "AWS_ACCESS_KEY_ID",
+    "secret": "AWS_SECRET_ACCESS_KEY",
+    "token": "AWS_SESSION_TOKEN",
+    "endpoint_url": "AWS_ENDPOINT_URL",
+    "region_name": "AWS_REGION",
+}
+
+
+def delta_storage_options(fs: fsspec.AbstractFileSystem, options: dict[str, Any]) -> dict[str, str]:
+    """The storage options of an fsspec filesystem, as delta-rs takes them.
+
+    For S3, s3fs's names (``key``, ``secret``, ``endpoint_url``, also inside ``client_kwargs``) become object_store's
+    (``AWS_ACCESS_KEY_ID``, ...); an ``http://`` endpoint is allowed; ``anon`` skips signing. What is not given
+    here delta-rs takes from the environment, as s3fs does. Other stores' options pass through unchanged: name them
+    as both libraries accept them (``account_name`` for Azure, for example).
+    """
+    if is_local(fs):
+        return {}
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("s3", "s3a"):
+        return {name: str(value) for name, value in options.items() if isinstance(value, str | int | float | bool)}
+    flat = {**options, **(options.get("client_kwargs") or {})}
+    translated = {_S3_DELTA_OPTIONS[name]: str(flat[name]) for name in _S3_DELTA_OPTIONS if flat.get(name)}
+    if flat.get("anon"):
+        translated["AWS_SKIP_SIGNATURE"] = "true"
+    if translated.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        translated["AWS_ALLOW_HTTP"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region and "AWS_REGION" not in translated:
+        translated["AWS_REGION"] = region
+    return translated

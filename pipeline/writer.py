@@ -1,5 +1,5 @@
-"""The write stage of the Ray plan: a run's rows into its staging folder, as files of a chosen size, each described
-as it is written (see :mod:`pipeline.runner`; the commit is :mod:`pipeline.runs`)."""
+"""The write stage of the Ray plan: a run's rows as data files of a chosen size in the predictions table's folder,
+each described as it is written (see :mod:`pipeline.runner`; the commit is :mod:`pipeline.tables`)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from ray.data._internal.execution.interfaces import TaskContext
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline.runs import OutputLocation, StagedFile, write_staged
+from pipeline.runs import OutputLocation, StagedFile, write_data_file
 
 
 class RunSink(Datasink):
-    """The output side of a run's Ray plan: writes its rows into the run's staging folder, a file per
-    ``rows_per_file`` rows, and keeps what each write task wrote (:class:`~pipeline.runs.StagedFile`), so that
-    nothing is read back before the commit.
+    """The output side of a run's Ray plan: writes its rows as data files, a file per ``rows_per_file`` rows, and
+    keeps what each write task wrote (:class:`~pipeline.runs.StagedFile`: path, size, Delta stats, rows per shard),
+    so that nothing is read back before the commit. A file is invisible until a Delta commit adds it.
 
     Files are named by the write task's index: a task Ray retries writes the same names again, and only the files
-    the final attempts reported (``written``) are committed; anything else in the folder goes with it.
+    the final attempts reported (``written``) are committed; anything else in the run's folder is removed with it.
     """
 
     def __init__(self, location: OutputLocation, run_id: str, rows_per_file: int, schema: pa.Schema) -> None:
@@ -37,8 +37,8 @@ class RunSink(Datasink):
         if not tables:
             return []
         table = pa.concat_tables(tables).combine_chunks()
-        return [  # write_staged retries what a store fails transiently
-            write_staged(
+        return [  # write_data_file retries what a store fails transiently
+            write_data_file(
                 self.location,
                 self.run_id,
                 f"part-{ctx.task_idx:06d}-{index:03d}.parquet",

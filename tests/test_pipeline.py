@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -20,11 +21,13 @@ import pytest
 from pipeline.decode import decode
 from pipeline.manifest import Counts, Manifest, PlanSummary
 from pipeline.model import caffe_preprocess
+from pipeline.query import dataset
 from pipeline.runner import run
-from pipeline.runs import OutputLocation, new_run_id, read_manifests
+from pipeline.runs import OutputLocation, new_run_id
 from pipeline.samples import BAD_FILES, PHOTOS, VARIANTS, photo, write_samples
-from pipeline.sink import output_schema
+from pipeline.sink import file_schema, output_schema
 from pipeline.spec import parse_spec
+from pipeline.tables import read_manifests
 from tests.clusters import clean_environment, ray_head
 from tests.layouts import LAYOUTS, write_layout
 
@@ -57,15 +60,12 @@ def direct_model():
 
 
 def read_rows(result, storage_options=None) -> list[dict]:
-    location = OutputLocation.open(result.output_url, storage_options)
-    (manifest,) = [m for m in read_manifests(location) if m.run_id == result.run_id]
-    tables = []
-    for relative in manifest.files:
-        with location.fs.open(location.path(relative), "rb") as f:
-            tables.append(pq.read_table(f))
-    for table in tables:
-        assert table.schema.equals(tables[0].schema)
-    return [row for table in tables for row in table.to_pylist()]
+    """The run's committed rows, read from the predictions table as any Delta reader does."""
+    import pyarrow.dataset as ds
+
+    rows = dataset(result.output_url, storage_options).to_table(filter=ds.field("run_id") == result.run_id)
+    assert rows.schema.names == output_schema().names
+    return rows.to_pylist()
 
 
 def relative_error(a, b) -> float:
@@ -150,19 +150,25 @@ def test_output_contract_files_and_manifest(sample_run):
     location = OutputLocation.open(result.output_url)
     (manifest,) = read_manifests(location)
     good, bad = len(VARIANTS) * len(PHOTOS), len(BAD_FILES)
-    assert len(manifest.files) == 1  # 34 rows in batches of 4: one file, not one per batch
-    table = pq.read_table(location.path(manifest.files[0]))
-    assert table.schema.equals(output_schema(512))
-    assert not list(Path(location.root).glob("_staging/*"))
+    (path,) = Path(location.root, "predictions").glob("run-*/*.parquet")  # 34 rows in batches of 4: one file
+    table = pq.read_table(path)
+    assert table.schema.equals(file_schema())  # the run id is the commit's partition value
+    assert not Path(location.root, "_staging").exists()
 
     assert manifest.counts == Counts(rows=good + bad, ok=good, error=bad)
     assert manifest.model.fingerprint == table.column("model_fingerprint")[0].as_py()
     assert manifest.model.random_weights is True
     assert manifest.plan == PlanSummary("full", listed=good + bad, to_read=good + bad)
-    # The manifest as stored: plain JSON, read back into the same typed record.
-    stored = json.loads(Path(location.manifest_path(manifest.run_id)).read_text())
-    assert stored["plan"]["adopted_from"] == [] and Manifest.from_json(stored) == manifest
-    shards = pq.read_table(location.path(manifest.shards_file)).to_pylist()
+    # The manifest as stored in the run's Delta commit: plain JSON, read back into the same typed record.
+    from deltalake import DeltaTable
+
+    (commit,) = [c for c in DeltaTable(location.path("predictions")).history() if c.get("resnet_pipeline.run_id")]
+    stored = json.loads(commit["resnet_pipeline.manifest"])
+    assert commit["version"] == manifest.version == result.version == 1
+    assert stored["plan"]["adopted_from"] == [] and Manifest.from_json(stored) == replace(
+        manifest, version=None, committed_at=None
+    )
+    shards = dataset(location, table="shards").to_table().to_pylist()
     assert len(shards) == good + bad and all(s["size"] is not None and s["etag"] for s in shards)
     assert all(s["rows"] == 1 and not s["partial"] for s in shards)
     assert manifest.model.key and manifest.model.key_parts["image_size"] == 64
@@ -179,9 +185,9 @@ def test_output_contract_files_and_manifest(sample_run):
     # Forward passes side by side: their summed time fits in the span only twice over.
     assert stages["predict"]["seconds"] <= 2 * len(actors) * stages["predict"]["span_seconds"] + 0.01
 
+    rows = dataset(location).to_table()  # noqa: F841 (read by DuckDB below)
     statuses = duckdb.sql(
-        f"SELECT status, count(*) AS n, count(embedding) AS with_embedding "
-        f"FROM read_parquet('{location.root}/predictions/*/*.parquet') GROUP BY status ORDER BY status"
+        "SELECT status, count(*) AS n, count(embedding) AS with_embedding FROM rows GROUP BY status ORDER BY status"
     ).fetchall()
     assert statuses == [("error", bad, 0), ("ok", good, good)]
 
@@ -227,26 +233,25 @@ def test_s3_layouts(layout, layout_images, s3):
     result = run(spec, progress=False)
     check_layout_run(result, expected, storage_options)
     assert result.output_url == f"s3://{bucket}/out"
-    manifests = fs.glob(f"{bucket}/out/_runs/*.json")
-    assert len(manifests) == 1
+    (manifest,) = read_manifests(OutputLocation.open(result.output_url, storage_options))
     assert not any(b"do-not-leak-this" in fs.cat_file(path) for path in fs.find(f"{bucket}/out"))
-    manifest_text = fs.cat_file(manifests[0]).decode()
-    assert "do-not-leak-this" not in manifest_text and '"secret": "***"' in manifest_text
-    manifest = json.loads(manifest_text)
-    files = [fs.info(f"{bucket}/out/{f}") for f in manifest["files"]]
+    assert manifest.spec["output"]["storage_options"]["secret"] == "***"
+    files = fs.glob(f"{bucket}/out/predictions/run-{result.run_id}/*.parquet")
     assert len(files) >= 2  # rows_per_file=2 over 6 rows
-    with fs.open(f"{bucket}/out/{manifest['files'][0]}", "rb") as f:
+    with fs.open(files[0], "rb") as f:
         parquet = pq.ParquetFile(f)
         table = parquet.read()
         physical = {parquet.schema.column(i).physical_type for i in range(len(parquet.schema))}
     # float16 embeddings are stored as float32 values rounded to half precision: every engine reads them (Spark
     # cannot read Parquet's FLOAT16), and compressed they take about what float16 would.
     embedding = table.schema.field("embedding").type
-    assert pa.types.is_float32(embedding.value_type) and embedding.list_size == 512
+    assert pa.types.is_list(embedding) and pa.types.is_float32(embedding.value_type)
+    assert {len(v) for v in table.column("embedding").to_pylist() if v is not None} == {512}
     assert "FIXED_LEN_BYTE_ARRAY" not in physical  # how Parquet stores FLOAT16
     values = np.asarray(table.column("embedding").combine_chunks().flatten())
     assert np.array_equal(values, values.astype(np.float16).astype(np.float32))
     assert not fs.exists(f"{bucket}/out/_staging/{result.run_id}")
+    assert fs.exists(f"{bucket}/out/predictions/_delta_log/00000000000000000001.json")
 
 
 def test_gpu_scheduling_path_on_a_cpu_machine(tmp_path):
@@ -258,6 +263,7 @@ def test_gpu_scheduling_path_on_a_cpu_machine(tmp_path):
         import json, ray
         from pipeline.runner import run
         from pipeline.spec import parse_spec
+from pipeline.tables import read_manifests
         ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
         spec = parse_spec({{"input": "{tmp_path}/images", "output": "{tmp_path}/out"}},
                           {SMALL!r} + ["inference.gpus_per_actor=1"])

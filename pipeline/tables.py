@@ -1,0 +1,476 @@
+"""The output's Delta Lake tables: a run's commit, finishing one cut short, recovery, ``latest``, and reading.
+
+Four tables (``deltalake``, delta-rs), each at ``<output>/<name>``:
+
+``predictions``  every committed row of every run, partitioned by ``run_id``; one Delta commit per run, which
+                 carries the run's manifest in its commit metadata. THE commit: a run is visible when, and only
+                 when, this commit exists.
+``shards``       the shards each run read (URL, format, ETag, size, rows, whether only some of its images, work key)
+``runs``         one row per committed run: the predictions version it committed at, its counts, its manifest
+``latest``       one row per image, its newest committed result, kept by MERGE in commit order
+
+A run commits in this order, each step done at most once (a Delta application transaction per run, checked before
+and enforced by Delta's conflict check): its intent in staging (the point of no return), its ``shards`` rows, its
+``predictions`` commit, its ``runs`` row, ``latest`` caught up with every predictions commit not yet merged (whoever
+committed it), then its staging and unused files are removed. A driver that dies after the intent is finished by the
+next run on the output (roll forward); one that dies before leaves staging for a rerun to adopt: the rerun commits the
+dead run's finished data files as its own (the run id is a partition value of the commit, not a column of the file).
+
+Shards rows of a run that never reached its predictions commit are not read as committed: readers join them with
+``runs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import AddAction
+
+from pipeline.manifest import Manifest
+from pipeline.runs import (
+    FILES,
+    LATEST,
+    LEGACY_MANIFESTS,
+    PREDICTIONS,
+    PROGRESS,
+    RUNS,
+    SHARDS,
+    STAGING,
+    TABLES,
+    OutputLocation,
+    StagedFile,
+    StagedOutput,
+    data_folders,
+    discard,
+    lease_expired,
+    read_intent,
+    read_lease,
+    staging_runs,
+    write_intent,
+)
+from pipeline.sink import output_schema
+from pipeline.storage import with_retries
+
+log = logging.getLogger(__name__)
+
+RUN_KEY = "resnet_pipeline.run_id"  # commit metadata: which run a commit belongs to
+MANIFEST_KEY = "resnet_pipeline.manifest"
+MERGED = "resnet-pipeline:predictions"  # latest's application transaction: the predictions version merged so far
+COMMIT_ATTEMPTS = 10
+
+SHARDS_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("format", pa.string()),
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("rows", pa.int64()),
+        ("partial", pa.bool_()),  # only some of its images were read (retrying failed ones)
+        ("run_id", pa.string()),
+        ("work_key", pa.string()),
+    ]
+)
+RUNS_SCHEMA = pa.schema(
+    [
+        ("version", pa.int64()),  # of the predictions table: the order runs were committed in
+        ("run_id", pa.string()),
+        ("name", pa.string()),
+        ("mode", pa.string()),
+        ("started_at", pa.string()),
+        ("committed_at", pa.string()),
+        ("wall_seconds", pa.float64()),
+        ("rows", pa.int64()),
+        ("ok", pa.int64()),
+        ("error", pa.int64()),
+        ("images_per_second", pa.float64()),
+        ("architecture", pa.string()),
+        ("weights", pa.string()),
+        ("fingerprint", pa.string()),
+        ("work_key", pa.string()),
+        ("shards_read", pa.int64()),
+        ("shards_skipped", pa.int64()),
+        ("shards_adopted", pa.int64()),
+        ("manifest", pa.string()),  # the whole manifest, JSON
+    ]
+)
+SCHEMAS = {PREDICTIONS: output_schema(), LATEST: output_schema(), SHARDS: SHARDS_SCHEMA, RUNS: RUNS_SCHEMA}
+PARTITIONS = {PREDICTIONS: ["run_id"]}
+ZSTD = WriterProperties(compression="ZSTD")
+
+
+class LegacyOutputError(ValueError):
+    """An output written before its tables were Delta Lake tables; ``resnet-pipeline migrate`` converts it."""
+
+
+class AdoptionLost(RuntimeError):
+    """Another run committed (or gave up) the crashed run whose files this run meant to commit."""
+
+
+@dataclass(frozen=True)
+class CrashedRun:
+    run_id: str
+    key: str | None  # the work key it ran with (None: it died before saying)
+
+
+# --- the tables ---
+
+
+def check_format(location: OutputLocation) -> None:
+    """Refuse an output in the format before Delta Lake, in one line that says how to migrate it."""
+    if is_legacy(location):
+        raise LegacyOutputError(
+            f"{location.url()} holds runs written before outputs were Delta Lake tables (manifests under "
+            f"{LEGACY_MANIFESTS}/); convert it once with: resnet-pipeline migrate {location.url()}"
+        )
+
+
+def is_legacy(location: OutputLocation) -> bool:
+    legacy = [p for p in location.list(location.path(LEGACY_MANIFESTS)) if p.endswith(".json")]
+    return bool(legacy) and not is_table(location, PREDICTIONS)
+
+
+def is_table(location: OutputLocation, name: str) -> bool:
+    return with_retries(lambda: DeltaTable.is_deltatable(location.table(name), location.delta_options))
+
+
+def ensure_tables(location: OutputLocation) -> None:
+    """Create the output's tables that do not exist yet (before any run commits: concurrent creates race)."""
+    for name in TABLES:
+        if not is_table(location, name):
+            with_retries(
+                lambda name=name: DeltaTable.create(
+                    location.table(name),
+                    SCHEMAS[name],
+                    mode="ignore",
+                    partition_by=PARTITIONS.get(name),
+                    name=name,
+                    storage_options=location.delta_options,
+                )
+            )
+
+
+def open_table(location: OutputLocation, name: str, version: int | str | datetime | None = None) -> DeltaTable:
+    table = with_retries(lambda: DeltaTable(location.table(name), storage_options=location.delta_options))
+    if version is not None:
+        table.load_as_version(version)
+    return table
+
+
+def dataset(location: OutputLocation, name: str, version: int | str | datetime | None = None) -> ds.Dataset:
+    """A table's rows (as of ``version``: a number or a time) as a pyarrow dataset: committed files only."""
+    if not is_table(location, name):
+        return ds.dataset(SCHEMAS[name].empty_table())
+    return open_table(location, name, version).to_pyarrow_dataset()
+
+
+# --- commit ---
+
+
+def commit(
+    location: OutputLocation,
+    run_id: str,
+    staged: StagedOutput,
+    manifest: Manifest,
+    shards: Iterable[dict[str, Any]],
+    replaces: Iterable[str] = (),
+    adopted_from: Iterable[str] = (),
+) -> int:
+    """Make a run visible, all of it at once; returns the predictions table's version that holds it.
+
+    ``replaces``: crashed runs with the same work, adopted (``adopted_from``: their files are committed here) or
+    superseded; their leftovers go once this run is committed.
+    """
+    intent = {
+        "manifest": manifest.to_json(),
+        "files": [file.to_json() for file in staged.files],
+        "shards": [{**{n: s.get(n) for n in SHARDS_SCHEMA.names}, "run_id": run_id} for s in shards],
+        "replaces": sorted(set(replaces)),
+        "adopted_from": sorted(set(adopted_from)),
+    }
+    write_intent(location, run_id, intent)
+    return finish_commit(location, intent)
+
+
+def finish_commit(location: OutputLocation, intent: dict[str, Any]) -> int:
+    """The steps after the point of no return; each is done once, so a commit cut short can be finished later."""
+    manifest = Manifest.from_json(intent["manifest"])
+    run_id, files = manifest.run_id, [StagedFile.from_json(f) for f in intent["files"]]
+    _append_once(location, SHARDS, run_id, pa.Table.from_pylist(intent["shards"], SHARDS_SCHEMA))
+    version = _commit_predictions(location, manifest, files, intent["replaces"], intent["adopted_from"])
+    committed = replace(manifest, version=version, committed_at=manifest.committed_at or _now())
+    _append_once(location, RUNS, run_id, _runs_row(committed))
+    catch_up_latest(location)
+    predictions = open_table(location, PREDICTIONS)
+    active = _active_files(predictions)
+    discard(location, run_id, keep=active)
+    for crashed in intent["replaces"]:
+        if predictions.transaction_version(_claim(crashed)) is not None:  # claimed by a commit: nobody else's now
+            discard(location, crashed, keep=active)
+    return version
+
+
+def _commit_predictions(
+    location: OutputLocation, manifest: Manifest, files: list[StagedFile], replaces: list[str], adopted: list[str]
+) -> int:
+    run_id = manifest.run_id
+    now = int(time.time() * 1000)
+    actions = [AddAction(f.path, f.size, {"run_id": run_id}, now, True, f.stats) for f in files]
+    for _ in range(COMMIT_ATTEMPTS):
+        table = open_table(location, PREDICTIONS)
+        if table.transaction_version(run_id) is not None:
+            return committed_version(table, run_id)
+        # Crashed runs are claimed by the commit that adopts or supersedes them: two runs never both commit one's
+        # files, and its leftovers are removed only once a commit owns them.
+        claims = []
+        for crashed in replaces:
+            if table.transaction_version(_claim(crashed)) is None:
+                claims.append(crashed)
+            elif crashed in adopted:
+                raise AdoptionLost(f"run {run_id}: crashed run {crashed} was adopted by another run meanwhile")
+        properties = CommitProperties(
+            custom_metadata={RUN_KEY: run_id, MANIFEST_KEY: json.dumps(manifest.to_json())},
+            app_transactions=[Transaction(run_id, 1, now), *(Transaction(_claim(c), 1, now) for c in claims)],
+        )
+        try:
+            table.create_write_transaction(actions, mode="append", schema=table.schema(), commit_properties=properties)
+        except CommitFailedError:
+            continue  # a concurrent commit with one of our transactions: look again
+        return committed_version(open_table(location, PREDICTIONS), run_id)
+    raise RuntimeError(f"run {run_id}: the predictions commit kept conflicting; rerun to finish it")
+
+
+def _claim(run_id: str) -> str:
+    return f"resnet-pipeline:claim:{run_id}"
+
+
+def committed_version(table: DeltaTable, run_id: str) -> int:
+    """The version of the predictions commit of ``run_id`` (searched from the newest)."""
+    limit = 16
+    while True:
+        history = table.history(limit)
+        for entry in history:
+            if entry.get(RUN_KEY) == run_id:
+                return int(entry["version"])
+        if len(history) < limit:
+            raise LookupError(f"run {run_id} has no commit in {table.table_uri}")
+        limit *= 4
+
+
+def _append_once(location: OutputLocation, name: str, run_id: str, rows: pa.Table) -> None:
+    """Append ``rows`` to a table as the one commit of ``run_id`` there (done already: nothing to do)."""
+    for _ in range(COMMIT_ATTEMPTS):
+        table = open_table(location, name)
+        if table.transaction_version(run_id) is not None:
+            return
+        properties = CommitProperties(
+            custom_metadata={RUN_KEY: run_id},
+            app_transactions=[Transaction(run_id, 1, int(time.time() * 1000))],
+        )
+        try:
+            write_deltalake(table, rows, mode="append", writer_properties=ZSTD, commit_properties=properties)
+            return
+        except CommitFailedError:
+            continue
+    raise RuntimeError(f"run {run_id}: the {name} commit kept conflicting; rerun to finish it")
+
+
+def _runs_row(manifest: Manifest) -> pa.Table:
+    row = {
+        "version": manifest.version,
+        "run_id": manifest.run_id,
+        "name": manifest.name,
+        "mode": manifest.plan.mode,
+        "started_at": manifest.started_at,
+        "committed_at": manifest.committed_at,
+        "wall_seconds": manifest.wall_seconds,
+        "rows": manifest.counts.rows,
+        "ok": manifest.counts.ok,
+        "error": manifest.counts.error,
+        "images_per_second": manifest.images_per_second,
+        "architecture": manifest.model.architecture,
+        "weights": manifest.model.weights,
+        "fingerprint": manifest.model.fingerprints,
+        "work_key": manifest.model.key,
+        "shards_read": manifest.plan.to_read,
+        "shards_skipped": manifest.plan.skipped_unchanged,
+        "shards_adopted": manifest.plan.adopted,
+        "manifest": json.dumps(manifest.to_json()),
+    }
+    return pa.Table.from_pylist([row], RUNS_SCHEMA)
+
+
+def _active_files(table: DeltaTable) -> set[str]:
+    """The data files the table's current version holds (paths relative to the table)."""
+    return set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
+
+
+# --- latest ---
+
+
+def catch_up_latest(location: OutputLocation) -> int:
+    """Merge into ``latest`` every predictions commit it has not merged yet, in commit order; returns how many.
+
+    Whoever commits next catches up for a run that died after its predictions commit, and two runs catching up at
+    once merge each commit once (the loser's MERGE conflicts on ``latest``'s application transaction and looks
+    again).
+    """
+    merged = 0
+    for _ in range(COMMIT_ATTEMPTS):
+        predictions, latest = open_table(location, PREDICTIONS), open_table(location, LATEST)
+        done, current = latest.transaction_version(MERGED) or 0, predictions.version()
+        if current <= done:
+            return merged
+        pending = sorted(
+            (entry["version"], entry[RUN_KEY])
+            for entry in predictions.history(current - done)
+            if entry["version"] > done and RUN_KEY in entry
+        )
+        try:
+            for version, run_id in pending:
+                _merge_run(location, predictions, latest, run_id, version)
+                merged += 1
+            return merged
+        except CommitFailedError:
+            continue
+    raise RuntimeError(f"{location.url()}: latest could not be brought up to date (concurrent merges); rerun")
+
+
+def _merge_run(
+    location: OutputLocation, predictions: DeltaTable, latest: DeltaTable, run_id: str, version: int
+) -> None:
+    """One run's rows into ``latest``: its images replace theirs, and the images gone from a shard it read whole
+    (that an earlier run had read) leave."""
+    import duckdb
+
+    with duckdb.connect() as db:
+        db.register("rows", predictions.to_pyarrow_dataset(file_pruning_predicate=[("run_id", "=", run_id)]))
+        db.register("shards", dataset(location, SHARDS))
+        reread = [
+            url
+            for (url,) in db.execute(
+                "SELECT DISTINCT url FROM shards WHERE run_id <> $run AND url IN "
+                "(SELECT url FROM shards WHERE run_id = $run AND NOT partial) ORDER BY url",
+                {"run": run_id},
+            ).fetchall()
+        ]
+        schema = pa.schema(latest.schema().to_arrow())
+        source = (
+            db.sql(  # one row per image: a key that repeats in a shard keeps its last row
+                f"SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows WHERE run_id = $run "
+                "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1",
+                params={"run": run_id},
+            )
+            .to_arrow_table()
+            .cast(schema)
+        )
+        properties = CommitProperties(
+            custom_metadata={RUN_KEY: run_id},
+            app_transactions=[Transaction(MERGED, version, int(time.time() * 1000))],
+        )
+        merge = (
+            latest.merge(
+                source,
+                "t.image_id = s.image_id",
+                source_alias="s",
+                target_alias="t",
+                writer_properties=ZSTD,
+                commit_properties=properties,
+            )
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+        )
+        if reread:
+            merge = merge.when_not_matched_by_source_delete(f"t.source IN ({', '.join(map(_literal, reread))})")
+        merge.execute()
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# --- recovery ---
+
+
+def recover(location: OutputLocation) -> list[CrashedRun]:
+    """Clean up after dead drivers; returns the crashed runs whose progress can be adopted, newest first.
+
+    A dead run that had decided its content (its intent) is committed now; ``latest`` is caught up; data files that
+    no commit holds and no live or crashed run may still commit are removed.
+    """
+    crashed: list[CrashedRun] = []
+    live: set[str] = set()
+    for run_id in staging_runs(location):
+        lease = read_lease(location, run_id)
+        if not lease_expired(lease):
+            live.add(run_id)
+            continue
+        intent = read_intent(location, run_id)
+        if intent is not None:
+            try:
+                finish_commit(location, intent)
+                continue
+            except AdoptionLost as error:
+                log.warning("%s: its own files stay for a rerun to adopt", error)
+                forget_adoption(location, run_id, intent["adopted_from"])
+        crashed.append(CrashedRun(run_id, (lease or {}).get("key")))
+    if is_table(location, PREDICTIONS):
+        catch_up_latest(location)
+        _remove_orphans(location, live | {run.run_id for run in crashed})
+    return sorted(crashed, key=lambda run: run.run_id, reverse=True)
+
+
+def forget_adoption(location: OutputLocation, run_id: str, adopted_from: Iterable[str]) -> None:
+    """Drop a run's intent and its records of files adopted from others, leaving only what it wrote itself."""
+    fs = location.fs
+    paths = [location.staging(run_id, "_commit.json")]
+    for crashed in adopted_from:
+        paths += [
+            location.path(STAGING, run_id, PROGRESS, f"adopted-{crashed}.json"),
+            location.path(STAGING, run_id, FILES, f"adopted-{crashed}.json"),
+        ]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            with_retries(lambda path=path: fs.rm(path))
+
+
+def _remove_orphans(location: OutputLocation, pending: set[str]) -> None:
+    """Data files of runs that are neither at work, adoptable nor committed, and that no commit holds."""
+    committed = set(dataset(location, RUNS).to_table(columns=["run_id"]).column("run_id").to_pylist())
+    folders = [run for run in data_folders(location) if run not in pending and run not in committed]
+    if folders:
+        active = _active_files(open_table(location, PREDICTIONS))
+        for run in folders:
+            discard(location, run, keep=active)
+
+
+# --- reading ---
+
+
+def read_manifests(location: OutputLocation) -> list[Manifest]:
+    """Manifests of committed runs, in commit order."""
+    table = dataset(location, RUNS).to_table(columns=["version", "manifest"]).sort_by("version")
+    return [
+        replace(Manifest.from_json(json.loads(document)), version=version)
+        for version, document in zip(
+            table.column("version").to_pylist(), table.column("manifest").to_pylist(), strict=True
+        )
+    ]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
