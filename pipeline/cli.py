@@ -365,6 +365,37 @@ def report(
         _say(f"wrote {html_file}", to=errors)
 
 
+@app.command("migrate")
+def migrate_command(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL) of the old format."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done, and do nothing."),
+) -> None:
+    """Convert an output of the old format (manifests under _runs/) into its Delta Lake tables, in place.
+
+    Each old run is committed again, in the old commit order; the old manifests go only once every run is
+    committed. Cut short, it resumes when run again; on an output that is Delta Lake already it does nothing.
+    """
+    from pipeline.migrate import AlreadyDelta, MigrationError, NotAnOutput, migrate
+    from pipeline.runs import OutputLocation
+
+    try:
+        summary = migrate(OutputLocation.open(output), dry_run=dry_run, say=_say)
+    except AlreadyDelta as done:
+        _say(str(done))
+        return
+    except NotAnOutput as error:
+        raise _fail(str(error)) from None
+    except MigrationError as error:
+        raise _fail(str(error), code=1) from None
+    except Exception as error:
+        raise _fail(
+            f"migration stopped: {_root_cause(error)}; run it again to resume (the old manifests stay until every "
+            "run is committed)",
+            code=1,
+        ) from None
+    _say("\n".join(summary.lines()))
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("resnet-demo"), help="Folder for the sample images and the output."),
