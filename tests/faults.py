@@ -1,17 +1,28 @@
 """A fault-injecting HTTP proxy for S3 on loopback: in front of moto's server, it answers a share of requests with
 503 SlowDown or drops the connection (before forwarding, or after, so the request took effect but its answer is
 lost). The faults are drawn from a seeded generator; the counts say what was injected. It can also slow every
-request down (``delay``) and deny access to some keys (``deny``: 403 for paths containing any of those strings)."""
+request down (``delay``) and deny access to some keys (``deny``: 403 for paths containing any of those strings).
+
+``only`` (a function of the method and the path) limits the faults to the requests it picks:
+``FaultProxy(url, drop_after=1.0, only=FirstTry("PUT", "/_delta_log/"))`` fails the first PUT of every Delta log
+entry and no other request. ``log`` holds (method, path, what was done) for every request, in the order they came.
+
+:class:`FaultProxyProcess` runs the same proxy in a process of its own, for a client that holds the GIL while it
+waits for an answer (delta-rs's ``DeltaTable.is_deltatable`` does): a proxy thread in the client's process would never
+get to answer it."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import multiprocessing
 import random
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -35,6 +46,7 @@ class FaultProxy:
         seed: int = 0,
         delay: float = 0.0,
         deny: tuple[str, ...] = (),
+        only: Callable[[str, str], bool] | None = None,
     ):
         self.delay, self.deny = delay, deny
         self.upstream = urlsplit(upstream)
@@ -42,6 +54,8 @@ class FaultProxy:
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.log: list[tuple[str, str, str]] = []
+        self.only = only
         self.enabled = True
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -59,18 +73,23 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _draw(self) -> str:
+    def _draw(self, method: str = "", path: str = "") -> str:
         with self.lock:
             self.counts["requests"] += 1
-            if not self.enabled:
-                return "pass"
-            roll, edge = self.random.random(), 0.0
-            for fault, rate in self.rates.items():
-                edge += rate
-                if roll < edge:
-                    self.counts[fault] += 1
-                    return fault
+            fault = self._pick(method, path)
+            self.log.append((method, path, fault))
+            return fault
+
+    def _pick(self, method: str, path: str) -> str:
+        if not self.enabled or (self.only is not None and not self.only(method, path)):
             return "pass"
+        roll, edge = self.random.random(), 0.0
+        for fault, rate in self.rates.items():
+            edge += rate
+            if roll < edge:
+                self.counts[fault] += 1
+                return fault
+        return "pass"
 
     def _handler(self):
         proxy = self
@@ -97,7 +116,7 @@ class FaultProxy:
             def _proxy(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._draw()
+                fault = proxy._draw(self.command, self.path)
                 if proxy.delay:
                     time.sleep(proxy.delay)
                 if fault == "drop_before":
@@ -129,3 +148,62 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
 
         return Handler
+
+
+@dataclass
+class FirstTry:
+    """An ``only`` for the proxy: the first request of each (method, path) with ``part`` in its path and ending in
+    ``suffix``; the retries of that same request are let through. Picklable, for :class:`FaultProxyProcess`."""
+
+    method: str
+    part: str
+    suffix: str = ""
+    seen: set[tuple[str, str]] = field(default_factory=set)
+
+    def __call__(self, method: str, path: str) -> bool:
+        if method != self.method or self.part not in path or not path.endswith(self.suffix):
+            return False
+        if (method, path) in self.seen:
+            return False
+        self.seen.add((method, path))
+        return True
+
+
+class FaultProxyProcess:
+    """:class:`FaultProxy` (same arguments; ``only`` must be picklable) served from a spawned process. ``endpoint``
+    is known inside the ``with``; ``counts`` and ``log`` once it is left."""
+
+    def __init__(self, upstream: str, **options):
+        self.upstream, self.options = upstream, options
+        self.counts: Counter[str] = Counter()
+        self.log: list[tuple[str, str, str]] = []
+
+    def __enter__(self) -> FaultProxyProcess:
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(self.upstream, self.options, child), daemon=True)
+        self._process.start()
+        if not self._connection.poll(60):
+            self._process.kill()
+            raise RuntimeError("the fault proxy's process did not start")
+        self.endpoint = self._connection.recv()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._connection.send("stop")
+            if self._connection.poll(30):
+                counts, self.log = self._connection.recv()
+                self.counts = Counter(counts)
+        finally:
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
+
+
+def _serve(upstream: str, options: dict, connection) -> None:
+    with FaultProxy(upstream, **options) as proxy:
+        connection.send(proxy.endpoint)
+        connection.recv()
+        with proxy.lock:
+            connection.send((dict(proxy.counts), list(proxy.log)))
