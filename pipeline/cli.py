@@ -359,6 +359,8 @@ def report(
         data = gather(output, run_id)
     except QueryError as error:
         raise _fail(str(error)) from None
+    except Exception as error:
+        raise _fail(f"cannot read {output}: {error}") from None
     typer.echo(json.dumps(data, indent=2, default=str) if as_json else _printable(to_text(data)))
     if html_file is not None:
         html_file.write_text(to_html(data), encoding="utf-8")

@@ -8,16 +8,15 @@ then run id, and computed ``latest`` from the shards files.
 
 Each old run is committed again, in that order, with the run's own id and manifest, through
 :func:`pipeline.tables.commit`: its files rewritten in the new file schema (no ``run_id``, the embedding a
-``list<float32>``) as ``predictions/run-<run>/migrated-NNNNN.parquet``, its shards rows with its work key. As every
+``list<float32>``) as ``predictions/run_id=<run>/migrated-NNNNN.parquet``, its shards rows with its work key. As every
 commit merges into ``latest`` in commit order, ``latest`` ends up as the old view computed it (a shard read whole
 replaces older rows of that shard, a retry's partial shards replace only their images).
 
 Resumable and idempotent: a run whose ``runs`` row exists is skipped, one whose commit was cut short after its
 intent is finished (:func:`pipeline.tables.finish_commit`), the others are migrated from their old files. The
-migration removes nothing before every run is committed; then the old manifests, shards files and any part file
-left go (the manifests last: while one is left, migrating again finishes the job). One removal comes earlier, from
-the commit itself: :func:`pipeline.tables.commit` removes the files in a run's data folder that its commit does not
-hold, which are that run's old part files, once its migrated rows are committed (a rerun never needs them again).
+migration removes nothing before every run is committed (the new files live in other folders than the old ones);
+then the old part files, shards files and manifests go (the manifests last: while one is left, the output is refused
+as old and migrating again finishes the job).
 
 A driver of the old code that died inside its commit left its intent, ``_staging/<run>/_commit.json`` with the file
 moves: the old code rolled it forward at its next run, and so does the migration (the run is migrated from wherever

@@ -4,7 +4,7 @@ records, its data files, and its commit intent. The commit itself and everything
 Layout under the output URL (:class:`OutputLocation` is the only code that names these paths)::
 
     predictions/                          Delta table: every committed row, one Delta commit per run
-        run-<run>/part-*.parquet          the data files, written there by the run's write tasks; visible only
+        run_id=<run>/part-*.parquet       the data files, written there by the run's write tasks; visible only
                                           once a commit adds them (to this run, or to the run that adopted them)
     latest/                               Delta table: one row per image, its newest committed result
     shards/                               Delta table: the shards each run read (URL, ETag, size, rows, work key)
@@ -94,7 +94,8 @@ class OutputLocation:
         """The output's fsspec storage options, said the way delta-rs (object_store) takes them."""
         from pipeline.storage import delta_storage_options
 
-        return delta_storage_options(self.fs, self.storage_options or {})
+        # The filesystem's own options include those fsspec's configuration gave it (FSSPEC_S3, for example).
+        return delta_storage_options(self.fs, {**self.fs.storage_options, **(self.storage_options or {})})
 
     def progress(self, run_id: str) -> dict[str, Any]:
         """What a worker needs to record progress for this run (plain data: it travels to Ray workers)."""
@@ -226,7 +227,7 @@ class StagedFile:
     """One data file a run wrote, described as it was written (never read back): what its commit needs (the
     Delta ``add``: path, size, stats) and what adoption needs (rows per shard)."""
 
-    path: str  # relative to the predictions table: run-<run>/part-....parquet
+    path: str  # relative to the predictions table: run_id=<run>/part-....parquet
     size: int
     rows: int
     ok: int
@@ -283,7 +284,14 @@ def write_data_file(location: OutputLocation, run_id: str, name: str, table: pa.
 
 def data_file(run_id: str, name: str) -> str:
     """A data file's path inside the predictions table."""
-    return f"run-{run_id}/{name}"
+    return f"{data_folder(run_id)}/{name}"
+
+
+def data_folder(run_id: str) -> str:
+    """The folder of the data files a run writes, named Hive-style (``run_id=<run>``): the Delta log says which run
+    committed a file, and readers that take partition values from paths instead (Polars' own reader) agree, but
+    for files a rerun adopted, where the path names the run that wrote them."""
+    return f"run_id={run_id}"
 
 
 def describe(path: str, size: int, table: pa.Table) -> StagedFile:
@@ -349,11 +357,11 @@ def discard(location: OutputLocation, run_id: str, keep: Iterable[str] = ()) -> 
     """Remove a run's staging folder and its data files, but those in ``keep`` (paths inside the predictions table:
     committed ones). ``_staging`` itself goes once no run is using it."""
     fs, keep = location.fs, set(keep)
-    folder = location.path(PREDICTIONS, f"run-{run_id}")
+    folder = location.path(PREDICTIONS, data_folder(run_id))
     for path in location.find(folder):
         if path[len(location.path(PREDICTIONS)) + 1 :] not in keep:
             with_retries(lambda path=path: fs.rm(path) if fs.exists(path) else None)
-    if not keep and is_local(fs) and os.path.isdir(folder):
+    if is_local(fs) and os.path.isdir(folder) and not os.listdir(folder):
         with contextlib.suppress(OSError):
             os.rmdir(folder)
     staging = location.staging(run_id)
@@ -376,8 +384,8 @@ def data_folders(location: OutputLocation) -> dict[str, str]:
     folders = {}
     for folder in location.list(location.path(PREDICTIONS)):
         name = folder.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("run-"):
-            folders[name.removeprefix("run-")] = folder
+        if name.startswith("run_id="):
+            folders[name.removeprefix("run_id=")] = folder
     return folders
 
 

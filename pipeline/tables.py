@@ -7,7 +7,7 @@ Four tables (``deltalake``, delta-rs), each at ``<output>/<name>``:
                  when, this commit exists.
 ``shards``       the shards each run read (URL, format, ETag, size, rows, whether only some of its images, work key)
 ``runs``         one row per committed run: the predictions version it committed at, its counts, its manifest
-``latest``       one row per image, its newest committed result, kept by MERGE in commit order
+``latest``       one row per image, its newest committed result, merged run by run in commit order
 
 A run commits in this order, each step done at most once (a Delta application transaction per run, checked before
 and enforced by Delta's conflict check): its intent in staging (the point of no return), its ``shards`` rows, its
@@ -22,20 +22,24 @@ Shards rows of a run that never reached its predictions commit are not read as c
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError
-from deltalake.transaction import AddAction
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, RemoveAction
 
 from pipeline.manifest import Manifest
 from pipeline.runs import (
@@ -60,7 +64,7 @@ from pipeline.runs import (
     write_intent,
 )
 from pipeline.sink import output_schema
-from pipeline.storage import with_retries
+from pipeline.storage import with_retries, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +140,17 @@ def check_format(location: OutputLocation) -> None:
 
 
 def is_legacy(location: OutputLocation) -> bool:
-    legacy = [p for p in location.list(location.path(LEGACY_MANIFESTS)) if p.endswith(".json")]
-    return bool(legacy) and not is_table(location, PREDICTIONS)
+    """Whether old manifests remain: ``migrate`` removes them last, so a migration cut short is refused too."""
+    return any(p.endswith(".json") for p in location.list(location.path(LEGACY_MANIFESTS)))
 
 
 def is_table(location: OutputLocation, name: str) -> bool:
-    return with_retries(lambda: DeltaTable.is_deltatable(location.table(name), location.delta_options))
+    # Not DeltaTable.is_deltatable, which holds the GIL while it waits on the store (every other thread stalls).
+    try:
+        open_table(location, name)
+    except TableNotFoundError:
+        return False
+    return True
 
 
 def ensure_tables(location: OutputLocation) -> None:
@@ -194,7 +203,10 @@ def commit(
     intent = {
         "manifest": manifest.to_json(),
         "files": [file.to_json() for file in staged.files],
-        "shards": [{**{n: s.get(n) for n in SHARDS_SCHEMA.names}, "run_id": run_id} for s in shards],
+        "shards": [
+            {**{n: s.get(n) for n in SHARDS_SCHEMA.names}, "run_id": run_id, "work_key": manifest.model.key}
+            for s in shards
+        ],
         "replaces": sorted(set(replaces)),
         "adopted_from": sorted(set(adopted_from)),
     }
@@ -229,7 +241,7 @@ def _commit_predictions(
     for _ in range(COMMIT_ATTEMPTS):
         table = open_table(location, PREDICTIONS)
         if table.transaction_version(run_id) is not None:
-            return committed_version(table, run_id)
+            return committed_version(location, table, run_id)
         # Crashed runs are claimed by the commit that adopts or supersedes them: two runs never both commit one's
         # files, and its leftovers are removed only once a commit owns them.
         claims = []
@@ -246,7 +258,7 @@ def _commit_predictions(
             table.create_write_transaction(actions, mode="append", schema=table.schema(), commit_properties=properties)
         except CommitFailedError:
             continue  # a concurrent commit with one of our transactions: look again
-        return committed_version(open_table(location, PREDICTIONS), run_id)
+        return committed_version(location, open_table(location, PREDICTIONS), run_id)
     raise RuntimeError(f"run {run_id}: the predictions commit kept conflicting; rerun to finish it")
 
 
@@ -254,17 +266,27 @@ def _claim(run_id: str) -> str:
     return f"resnet-pipeline:claim:{run_id}"
 
 
-def committed_version(table: DeltaTable, run_id: str) -> int:
-    """The version of the predictions commit of ``run_id`` (searched from the newest)."""
-    limit = 16
-    while True:
-        history = table.history(limit)
-        for entry in history:
-            if entry.get(RUN_KEY) == run_id:
-                return int(entry["version"])
-        if len(history) < limit:
-            raise LookupError(f"run {run_id} has no commit in {table.table_uri}")
-        limit *= 4
+def committed_version(location: OutputLocation, table: DeltaTable, run_id: str) -> int:
+    """The version of the predictions commit of ``run_id``, searched from the table's newest version down."""
+    for version in range(table.version(), 0, -1):
+        if commit_info(location, PREDICTIONS, version).get(RUN_KEY) == run_id:
+            return version
+    raise LookupError(f"run {run_id} has no commit in {table.table_uri}")
+
+
+def commit_info(location: OutputLocation, name: str, version: int) -> dict[str, Any]:
+    """A commit's ``commitInfo`` (our metadata keys included), read from its log file: ``DeltaTable.history`` numbers
+    its entries from the loaded snapshot, wrongly once a newer commit exists (deltalake 1.6). {} when the log file
+    is gone (log retention) or holds no commitInfo."""
+    path = location.path(name, "_delta_log", f"{version:020d}.json")
+    try:
+        text = with_retries(lambda: location.fs.cat_file(path)).decode()
+    except FileNotFoundError:
+        return {}
+    for line in text.splitlines():
+        if '"commitInfo"' in line:
+            return json.loads(line).get("commitInfo", {})
+    return {}
 
 
 def _append_once(location: OutputLocation, name: str, run_id: str, rows: pa.Table) -> None:
@@ -331,11 +353,11 @@ def catch_up_latest(location: OutputLocation) -> int:
         done, current = latest.transaction_version(MERGED) or 0, predictions.version()
         if current <= done:
             return merged
-        pending = sorted(
-            (entry["version"], entry[RUN_KEY])
-            for entry in predictions.history(current - done)
-            if entry["version"] > done and RUN_KEY in entry
-        )
+        pending = [
+            (version, info[RUN_KEY])
+            for version in range(done + 1, current + 1)
+            if RUN_KEY in (info := commit_info(location, PREDICTIONS, version))
+        ]
         try:
             for version, run_id in pending:
                 _merge_run(location, predictions, latest, run_id, version)
@@ -350,49 +372,99 @@ def _merge_run(
     location: OutputLocation, predictions: DeltaTable, latest: DeltaTable, run_id: str, version: int
 ) -> None:
     """One run's rows into ``latest``: its images replace theirs, and the images gone from a shard it read whole
-    (that an earlier run had read) leave."""
+    (that an earlier run had read) leave.
+
+    A copy-on-write merge of our own rather than delta-rs's MERGE, whose files hold Arrow ``string_view`` columns
+    that pyarrow cannot filter (delta-io/delta-rs#4579): the files of ``latest`` that hold a replaced or dropped image
+    are rewritten without it, the run's rows are added, and one commit removes the old files and adds the new.
+    """
     import duckdb
 
     with duckdb.connect() as db:
         db.register("rows", predictions.to_pyarrow_dataset(file_pruning_predicate=[("run_id", "=", run_id)]))
         db.register("shards", dataset(location, SHARDS))
-        reread = [
-            url
-            for (url,) in db.execute(
-                "SELECT DISTINCT url FROM shards WHERE run_id <> $run AND url IN "
-                "(SELECT url FROM shards WHERE run_id = $run AND NOT partial) ORDER BY url",
-                {"run": run_id},
-            ).fetchall()
-        ]
-        schema = pa.schema(latest.schema().to_arrow())
-        source = (
+        reread = pa.array(
+            [
+                url
+                for (url,) in db.execute(
+                    "SELECT DISTINCT url FROM shards WHERE run_id <> $run AND url IN "
+                    "(SELECT url FROM shards WHERE run_id = $run AND NOT partial)",
+                    {"run": run_id},
+                ).fetchall()
+            ],
+            pa.string(),
+        )
+        schema = output_schema()
+        incoming = (
             db.sql(  # one row per image: a key that repeats in a shard keeps its last row
                 f"SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows WHERE run_id = $run "
-                "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1",
+                "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1 "
+                "ORDER BY source, image_id",
                 params={"run": run_id},
             )
             .to_arrow_table()
             .cast(schema)
         )
-        properties = CommitProperties(
-            custom_metadata={RUN_KEY: run_id},
-            app_transactions=[Transaction(MERGED, version, int(time.time() * 1000))],
-        )
-        merge = (
-            latest.merge(
-                source,
-                "t.image_id = s.image_id",
-                source_alias="s",
-                target_alias="t",
-                writer_properties=ZSTD,
-                commit_properties=properties,
-            )
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-        )
-        if reread:
-            merge = merge.when_not_matched_by_source_delete(f"t.source IN ({', '.join(map(_literal, reread))})")
-        merge.execute()
+    replaced = incoming.column("image_id").combine_chunks()
+    now = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = []
+    kept = []
+    files = pa.table(latest.get_add_actions(flatten=True)).to_pylist()
+    fragments = {fragment.path: fragment for fragment in latest.to_pyarrow_dataset().get_fragments()}
+    ids, sources = sorted(replaced.to_pylist()), sorted(reread.to_pylist())
+    for file in files:
+        # Files hold rows sorted by source and image id: their bounds (Delta stats) rule most files out unread.
+        if not (_any_within(ids, file, "image_id") or _any_within(sources, file, "source")):
+            continue
+        fragment = next(f for path, f in fragments.items() if path.endswith("/" + file["path"]) or path == file["path"])
+        keys = fragment.to_table(columns=["image_id", "source"])
+        gone = pc.or_(pc.is_in(keys.column("image_id"), replaced), pc.is_in(keys.column("source"), reread))
+        if not pc.any(gone).as_py():
+            continue
+        actions.append(RemoveAction(file["path"], True, now, file["size_bytes"], {}))
+        kept.append(fragment.to_table(schema=schema).filter(pc.invert(gone)))
+    merged = pa.concat_tables([*kept, incoming]).sort_by([("source", "ascending"), ("image_id", "ascending")])
+    written = _write_latest_files(location, merged, f"part-{version:010d}-{uuid.uuid4().hex[:8]}")
+    actions += [AddAction(path, size, {}, now, True, stats) for path, size, stats in written]
+    properties = CommitProperties(
+        custom_metadata={RUN_KEY: run_id}, app_transactions=[Transaction(MERGED, version, now)]
+    )
+    try:
+        latest.create_write_transaction(actions, mode="append", schema=latest.schema(), commit_properties=properties)
+    except BaseException:
+        for path, _, _ in written:  # never committed: nobody else will ever name them
+            with contextlib.suppress(Exception):
+                location.fs.rm(location.path(LATEST, path))
+        raise
+
+
+def _any_within(values: list[str], file: dict[str, Any], column: str) -> bool:
+    """Whether any of the sorted ``values`` lies within the file's bounds of ``column`` (no bounds: maybe)."""
+    low, high = file.get(f"min.{column}"), file.get(f"max.{column}")
+    if low is None or high is None:
+        return bool(values)
+    index = bisect.bisect_left(values, low)
+    return index < len(values) and values[index] <= high
+
+
+def _write_latest_files(location: OutputLocation, rows: pa.Table, prefix: str) -> list[tuple[str, int, str]]:
+    """``rows`` as files of ``latest`` of about :data:`~pipeline.sink.TARGET_FILE_BYTES`; (path, size, stats) each."""
+    from pipeline.runs import file_stats
+    from pipeline.sink import TARGET_FILE_BYTES
+
+    if not rows.num_rows:
+        return []
+    per_file = max(1, int(rows.num_rows * TARGET_FILE_BYTES / max(1, rows.nbytes)))
+    written = []
+    for index, start in enumerate(range(0, rows.num_rows, per_file)):
+        part = rows.slice(start, per_file)
+        sink = pa.BufferOutputStream()
+        pq.write_table(part, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        path = f"{prefix}-{index:05d}.parquet"
+        write_bytes(location.fs, location.path(LATEST, path), data)
+        written.append((path, len(data), json.dumps(file_stats(part))))
+    return written
 
 
 def _identifier(name: str) -> str:

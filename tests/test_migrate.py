@@ -344,7 +344,7 @@ def test_float16_embeddings_become_float32_values(legacy, tmp_path):
     first = next(row for row in new["predictions"] if row["run_id"] == A and row["embedding"])
     values = np.array(first["embedding"], np.float32)
     assert np.array_equal(values, values.astype(np.float16).astype(np.float32))  # half precision, as float32
-    (data,) = (out / "predictions" / f"run-{A}").glob("*.parquet")
+    (data,) = (out / "predictions" / f"run_id={A}").glob("*.parquet")
     assert pq.read_schema(data).field("embedding").type == pa.list_(pa.float32())
 
 
@@ -367,4 +367,4 @@ def test_migrate_on_s3(legacy, s3):
     summary = migrate(location)
     assert summary.migrated == [A, B, C] and summary.removed == 4 + 3 + 3  # part files, shards files, manifests
     assert_migrated(location, old)
-    assert summary.bytes_after == sum(fs.size(p) for p in fs.find(f"{bucket}/out/predictions") if "/run-" in p)
+    assert summary.bytes_after == sum(fs.size(p) for p in fs.find(f"{bucket}/out/predictions") if "/run_id=" in p)

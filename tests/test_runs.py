@@ -82,7 +82,7 @@ def rows(run_id: str, image_ids: list[str], status: str = "ok") -> pa.Table:
 
 
 def stage(location: OutputLocation, run_id: str, parts: list[pa.Table]) -> list[StagedFile]:
-    """The run's data files (predictions/run-<run>/part-NNNNN.parquet) and their staging records."""
+    """The run's data files (predictions/run_id=<run>/part-NNNNN.parquet) and their staging records."""
     return [write_data_file(location, run_id, f"part-{index:05d}.parquet", part) for index, part in enumerate(parts)]
 
 
@@ -196,9 +196,9 @@ def staging_left(location: OutputLocation) -> list[str]:
 
 
 def data_files(location: OutputLocation) -> list[str]:
-    """Every Parquet file under predictions/run-*/, relative to the table."""
+    """Every Parquet file under predictions/run_id=*/, relative to the table."""
     root = location.path(PREDICTIONS)
-    return sorted(p[len(root) + 1 :] for p in location.find(root, ".parquet") if "/run-" in p)
+    return sorted(p[len(root) + 1 :] for p in location.find(root, ".parquet") if "/run_id=" in p)
 
 
 def committed_paths(location: OutputLocation) -> dict[str, str]:
@@ -231,8 +231,8 @@ def test_a_committed_run_is_visible_to_every_reader_with_its_run_id_from_the_par
         with location.fs.open(location.path(PREDICTIONS, path), "rb") as f:
             assert "run_id" not in pq.read_schema(f).names
     assert committed_paths(location) == {
-        "run-run-a/part-00000.parquet": "run-a",
-        "run-run-a/part-00001.parquet": "run-a",
+        "run_id=run-a/part-00000.parquet": "run-a",
+        "run_id=run-a/part-00001.parquet": "run-a",
     }
     assert run_commits(location, PREDICTIONS, "run-a") == [version]
 
@@ -291,9 +291,9 @@ def test_a_driver_killed_during_its_commit_is_invisible_until_the_predictions_co
     assert lease_expired(runs.read_lease(location, "r2"))
     assert read_intent(location, "r2") is not None
     assert data_files(location) == [
-        "run-r1/part-00000.parquet",
-        "run-r2/part-00000.parquet",
-        "run-r2/part-00001.parquet",
+        "run_id=r1/part-00000.parquet",
+        "run_id=r2/part-00000.parquet",
+        "run_id=r2/part-00001.parquet",
     ]
 
     before = [("/i/1.jpg", "r1")]
@@ -393,11 +393,11 @@ def test_a_rerun_commits_a_crashed_runs_finished_files_as_its_own_without_copyin
               f"{s3.url}#b.jpg"]  # fmt: skip
     assert visible(location) == everywhere([(image, "first") for image in images])
     assert committed_paths(location) == {  # committed where the crashed run wrote it: no copy
-        "run-crashed/part-00000.parquet": "first",
-        "run-first/part-00000.parquet": "first",
+        "run_id=crashed/part-00000.parquet": "first",
+        "run_id=first/part-00000.parquet": "first",
     }
-    assert Path(location.path(PREDICTIONS, "run-crashed/part-00000.parquet")).stat().st_ino == adopted_inode
-    assert data_files(location) == ["run-crashed/part-00000.parquet", "run-first/part-00000.parquet"]
+    assert Path(location.path(PREDICTIONS, "run_id=crashed/part-00000.parquet")).stat().st_ino == adopted_inode
+    assert data_files(location) == ["run_id=crashed/part-00000.parquet", "run_id=first/part-00000.parquet"]
     # The crashed run's unadopted files and staging went with the commit (the second rerun is still at work).
     assert [path.rsplit("/", 1)[1] for path in staging_left(location)] == ["second"]
     assert view(location, "SELECT url, run_id FROM shards ORDER BY url") == [
@@ -420,18 +420,15 @@ def test_a_rerun_commits_a_crashed_runs_finished_files_as_its_own_without_copyin
     # Recovery does not roll its lost adoption forward: it offers what the run wrote itself, for a rerun to adopt.
     assert recover(location) == [CrashedRun("second", "k1")]
     assert read_intent(location, "second") is None
-    assert [file.path for file in runs.staged_files(location, "second")] == ["run-second/part-00000.parquet"]
+    assert [file.path for file in runs.staged_files(location, "second")] == ["run_id=second/part-00000.parquet"]
     assert delta(location).version() == version
-    assert "run-crashed/part-00000.parquet" in data_files(location)  # still held by the first rerun's commit
+    assert "run_id=crashed/part-00000.parquet" in data_files(location)  # still held by the first rerun's commit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="polars 2.1's own Delta reader (read_delta/scan_delta without use_pyarrow) takes partition values from "
-    "hive-style paths (run_id=<value>/), not from the log (pola-rs/polars#23391): files at run-<run>/ read run_id as "
-    "null, and a filter on run_id finds nothing",
-)
-def test_polars_native_reader_takes_the_run_id_from_the_log(tmp_path):
+def test_polars_native_reader_gets_the_run_id_of_a_runs_own_files(tmp_path):
+    """Polars' own Delta reader (read_delta/scan_delta without use_pyarrow) takes partition values from Hive-style
+    paths, not from the log (pola-rs/polars#23391): data folders are named ``run_id=<run>`` so that it agrees (for
+    files a rerun adopted, the path names the run that wrote them; use_pyarrow=True reads the log's value)."""
     import polars as pl
 
     location = OutputLocation.open(str(tmp_path / "out"))
@@ -485,14 +482,6 @@ class StaleLatest(AssertionError):
     """``latest`` is not the newest committed row of each image."""
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: some rounds hit it, some do not (the deterministic tests below always do)
-    raises=(WrongVersion, StaleLatest),
-    reason="DeltaTable.history() on a snapshot that a newer commit has overtaken numbers the newer commits from the "
-    "snapshot's version (delta-rs 1.6.6): tables.committed_version and catch_up_latest then take one commit for "
-    "another (test_a_run_is_told_the_version_it_committed_at_while_another_commits, "
-    "test_latest_catches_up_from_a_snapshot_a_commit_has_overtaken)",
-)
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_two_processes_committing_at_once_both_commit_once(tmp_path, request, store):
     """Two processes (spawned) each commit their own run onto one output at the same moment, three rounds.
@@ -506,8 +495,8 @@ def test_two_processes_committing_at_once_both_commit_once(tmp_path, request, st
     of atomicity, only real S3 promises that; nor does it emulate S3's 409 ConditionalRequestConflict for conditional
     writes in flight at once, throttling, signatures or IAM (benchmarks/delta/FINDINGS.md, section 4.4).
 
-    Plain assertions: no commit lost or doubled, every row there. The versions each run was told and ``latest``
-    fail as WrongVersion / StaleLatest (the known bug in the xfail reason); anything else fails the test.
+    No commit lost or doubled, every row there; each run is told the version that holds it (else WrongVersion)
+    and ``latest`` is the newest committed row of each image (else StaleLatest).
     """
     rounds = 3
     if store == "local":
@@ -567,21 +556,16 @@ def test_two_processes_committing_at_once_both_commit_once(tmp_path, request, st
         raise WrongVersion(f"committed at {versions}; told {told}; runs table {in_runs}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tables.committed_version reads DeltaTable.history() of a snapshot that b's commit has overtaken; delta-rs "
-    "1.6.6 numbers the entries from the snapshot's version, so a is told (and its runs row says) version 0",
-)
 def test_a_run_is_told_the_version_it_committed_at_while_another_commits(tmp_path, monkeypatch):
     """Run b commits between run a's commit and a's look at the table's history (as a concurrent run may)."""
     location = OutputLocation.open(str(tmp_path / "out"))
     real = tables.committed_version
 
-    def another_commits_first(table: DeltaTable, run_id: str) -> int:
+    def another_commits_first(location: OutputLocation, table: DeltaTable, run_id: str) -> int:
         if run_id == "a":
             monkeypatch.setattr(tables, "committed_version", real)
             commit_run(location, "b", [rows("b", ["/i/2.jpg"])])
-        return real(table, run_id)
+        return real(location, table, run_id)
 
     monkeypatch.setattr(tables, "committed_version", another_commits_first)
     told = commit_run(location, "a", [rows("a", ["/i/1.jpg"])])
@@ -590,12 +574,6 @@ def test_a_run_is_told_the_version_it_committed_at_while_another_commits(tmp_pat
     assert told == 1, "the version commit() returned"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="catch_up_latest numbers predictions.history() entries from a snapshot that a newer commit has overtaken "
-    "(delta-rs 1.6.6 numbers them from the snapshot's version): it merges the newer run as the older one's version, "
-    "from a snapshot without its files, and the older run never reaches latest",
-)
 def test_latest_catches_up_from_a_snapshot_a_commit_has_overtaken(tmp_path, monkeypatch):
     """Three runs committed, none merged into latest yet; the catch-up loads the predictions table just before the
     third run's commit lands (as one that races a concurrent commit may)."""
@@ -707,11 +685,11 @@ def test_recovery_keeps_live_runs_offers_crashed_ones_and_removes_orphans(tmp_pa
     dead_lease(location, "gone", "k2")
     commit_run(location, "adopter", [rows("adopter", ["/i/6.jpg"])], adopted=gone, replaces=["gone"],
                adopted_from=["gone"])  # fmt: skip
-    assert committed_paths(location)["run-gone/part-00000.parquet"] == "adopter"
+    assert committed_paths(location)["run_id=gone/part-00000.parquet"] == "adopter"
     # Orphans: a folder of a run with no staging and no commit; a stray file beside a committed one.
-    os.makedirs(out / "predictions/run-orphan")
-    pq.write_table(rows("orphan", ["/i/9.jpg"]), out / "predictions/run-orphan/part-00000.parquet")
-    pq.write_table(rows("gone", ["/i/8.jpg"]), out / "predictions/run-gone/part-00009.parquet")
+    os.makedirs(out / "predictions/run_id=orphan")
+    pq.write_table(rows("orphan", ["/i/9.jpg"]), out / "predictions/run_id=orphan/part-00000.parquet")
+    pq.write_table(rows("gone", ["/i/8.jpg"]), out / "predictions/run_id=gone/part-00009.parquet")
     before = visible(location)
 
     with Lease(location, "alive", "k1"):
@@ -719,26 +697,21 @@ def test_recovery_keeps_live_runs_offers_crashed_ones_and_removes_orphans(tmp_pa
         crashed = recover(location)
         assert crashed == [CrashedRun("crashed", "k1")]
         assert data_files(location) == [  # the live and the crashed run's files stay, and the committed one
-            "run-adopter/part-00000.parquet",
-            "run-alive/part-00000.parquet",
-            "run-crashed/part-00000.parquet",
-            "run-gone/part-00000.parquet",
+            "run_id=adopter/part-00000.parquet",
+            "run_id=alive/part-00000.parquet",
+            "run_id=crashed/part-00000.parquet",
+            "run_id=gone/part-00000.parquet",
         ]
         assert runs.staged_files(location, "alive") and runs.staged_files(location, "crashed")
         assert sorted(p.rsplit("/", 1)[1] for p in staging_left(location)) == ["alive", "crashed"]
     assert visible(location) == before == everywhere([("/i/5.jpg", "adopter"), ("/i/6.jpg", "adopter")])
-    assert not list((out / "predictions/run-orphan").glob("*"))
+    assert not list((out / "predictions/run_id=orphan").glob("*"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runs.discard removes a run's emptied folder only when `keep` is empty, and `keep` is every file the "
-    "predictions table holds: on local disk every orphan or superseded run folder stays behind, empty",
-)
 def test_an_orphan_run_folder_goes_whole(tmp_path):
     location = OutputLocation.open(str(tmp_path / "out"))
     commit_run(location, "r1", [rows("r1", ["/i/1.jpg"])])
-    orphan = Path(location.path(PREDICTIONS, "run-orphan"))
+    orphan = Path(location.path(PREDICTIONS, "run_id=orphan"))
     orphan.mkdir()
     pq.write_table(rows("orphan", ["/i/9.jpg"]), orphan / "part-00000.parquet")
     assert recover(location) == []
@@ -831,11 +804,6 @@ def test_a_run_committed_through_a_flaky_store_commits_exactly_once_with_all_row
     assert staging_left(location) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tables.is_table calls DeltaTable.is_deltatable, which holds the GIL while it waits on the store: every "
-    "other thread of the driver (the lease's heartbeat among them) stops until the store answers or times out",
-)
 def test_other_threads_run_while_a_table_check_waits_on_a_slow_store(s3):
     import threading
     import time
@@ -949,7 +917,7 @@ def test_leases_and_staging_records_are_written_whole(tmp_path):
         "_lease.json",
         "part-00000.parquet.json",
     ]
-    assert [p.name for p in (tmp_path / "predictions/run-x").iterdir()] == ["part-00000.parquet"]
+    assert [p.name for p in (tmp_path / "predictions/run_id=x").iterdir()] == ["part-00000.parquet"]
 
 
 def _ago(seconds: float) -> str:
