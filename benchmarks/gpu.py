@@ -126,12 +126,13 @@ def _sample_jpegs(folder: Path, count: int) -> list[Path]:
 
 def pipeline_run(images: int, precision: str, batch_size: int, actors: int, budget: str = "pipeline") -> dict:
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import ray
 
     from pipeline import runner
-    from pipeline.runs import OutputLocation, read_manifests
+    from pipeline.query import dataset
+    from pipeline.runs import OutputLocation
     from pipeline.spec import parse_spec
+    from pipeline.tables import read_manifests
 
     workdir = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     unique = _sample_jpegs(workdir / "unique", 256)
@@ -177,7 +178,7 @@ def pipeline_run(images: int, precision: str, batch_size: int, actors: int, budg
     location = OutputLocation.open(str(workdir / "out"))
     (manifest,) = [m for m in read_manifests(location) if m.run_id == result.run_id]
     times = pc.cast(
-        pq.read_table([location.path(f) for f in manifest.files], columns=["processed_at"])["processed_at"],
+        dataset(location).to_table(columns=["processed_at"])["processed_at"],
         "int64",
     )  # microseconds; one value per batch
     low, high = (float(v) for v in pc.quantile(times, q=[0.1, 0.9]).to_pylist())

@@ -67,8 +67,11 @@ def measured_run(images: Path, output: Path, temp_dir: Path, batch_size: int, ov
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(stderr[-3000:])
-    (manifest,) = (output / "_runs").glob("*.json")
-    record = json.loads(manifest.read_text())
+    from pipeline.runs import OutputLocation
+    from pipeline.tables import read_manifests
+
+    (manifest,) = read_manifests(OutputLocation.open(str(output)))
+    record = manifest.to_json()
     return {
         "rows": record["counts"]["rows"],
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -144,8 +144,11 @@ def pipeline_run(batch_size: int, folder: str, output: str, *overrides: str) -> 
     for override in overrides:
         command += ["--set", override]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    (manifest,) = Path(output, "_runs").glob("*.json")
-    record = json.loads(manifest.read_text())
+    from pipeline.runs import OutputLocation
+    from pipeline.tables import read_manifests
+
+    (manifest,) = read_manifests(OutputLocation.open(str(output)))
+    record = manifest.to_json()
     predict = record["stage_seconds"]["predict"]
     return {
         "rows": record["counts"]["rows"],

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.dataset as ds
+import pyarrow.compute as pc
 import pytest
 import yaml
+from deltalake import DeltaTable
 
+from pipeline.runs import OutputLocation
 from pipeline.samples import BAD_FILES, VARIANTS, photo, write_samples
+from pipeline.tables import MANIFEST_KEY, RUN_KEY, read_manifests
 
 SMALL = ["--set", "model.depth=18", "--set", "model.weights=random", "--set", "decode.image_size=64"]
 
@@ -36,12 +39,13 @@ def test_run_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(paths)} ({len(VARIANTS)} ok, {len(BAD_FILES)} failed)" in result.stdout
     assert "images/s" in result.stdout and str(tmp_path / "out") in result.stdout
-    table = ds.dataset(tmp_path / "out" / "predictions", format="parquet").to_table()
+    table = DeltaTable(str(tmp_path / "out" / "predictions")).to_pyarrow_table()
     assert table.num_rows == len(paths)
     assert {len(row) for row in table.column("top_k").to_pylist() if row} == {2}
-    (manifest,) = (tmp_path / "out" / "_runs").glob("*.json")
-    record = json.loads(manifest.read_text())
+    (commit,) = [c for c in DeltaTable(str(tmp_path / "out" / "predictions")).history() if c.get(RUN_KEY)]
+    record = json.loads(commit[MANIFEST_KEY])
     assert record["spec"]["model"]["top_k"] == 2
+    assert f"committed   version {commit['version']} of the Delta table" in result.stdout
     predict = record["stage_seconds"]["predict"]
     assert f"{predict['items'] / predict['span_seconds']:.1f} images/s once predicting" in result.stdout
 
@@ -60,7 +64,7 @@ def test_demo_with_random_weights(tmp_path):
     good, bad = 2 * len(VARIANTS) + 1, len(BAD_FILES)
     assert f"{good + bad} ({good} ok, {bad} failed)" in result.stdout
     assert str(workdir / "output") in result.stdout  # the run's summary
-    assert list((workdir / "output" / "_runs").glob("*.json"))
+    assert len(read_manifests(OutputLocation.open(str(workdir / "output")))) == 1
 
 
 @pytest.mark.slow
@@ -71,7 +75,9 @@ def test_too_many_errors_fail_the_run_and_commit_nothing(tmp_path):
     assert result.returncode == 1
     assert f"{len(BAD_FILES)} of {len(BAD_FILES) + len(VARIANTS)} images failed" in result.stderr
     assert "over max_error_fraction 25.0%" in result.stderr and "not committed" in result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no predictions/, no _runs/, no _staging/
+    assert not (tmp_path / "out" / "_staging").exists()
+    assert read_manifests(OutputLocation.open(str(tmp_path / "out"))) == []  # nothing committed
+    assert not list((tmp_path / "out").glob("predictions/run_id=*/*.parquet"))  # and the files written are gone
 
 
 @pytest.mark.slow
@@ -85,7 +91,8 @@ def test_a_model_that_fails_in_the_actor_fails_the_run_and_commits_nothing(tmp_p
     result = cli("run", str(spec), *SMALL, "--set", f"model.weights={weights}", "--quiet")
     assert result.returncode == 1
     assert f"run failed: {weights} does not fit resnet18" in result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert read_manifests(OutputLocation.open(str(tmp_path / "out"))) == []  # the tables exist, empty
+    assert not list((tmp_path / "out").glob("predictions/run_id=*")) and not (tmp_path / "out" / "_staging").exists()
 
 
 def test_demo_without_cached_imagenet_weights_says_how_to_continue(tmp_path):
@@ -187,11 +194,13 @@ def test_two_runs_on_one_output_at_once_each_commit_their_own(tmp_path):
         process.wait(timeout=600)
         assert process.returncode == 0, process.stderr.read().decode()[-3000:]
 
-    manifests = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
-    assert len(manifests) == 2 and manifests[0]["run_id"] != manifests[1]["run_id"]
+    manifests = read_manifests(OutputLocation.open(str(tmp_path / "out")))
+    assert len(manifests) == 2 and manifests[0].run_id != manifests[1].run_id
+    rows = DeltaTable(str(tmp_path / "out" / "predictions")).to_pyarrow_table()
     for manifest in manifests:
-        table = ds.dataset([str(tmp_path / "out" / f) for f in manifest["files"]], format="parquet").to_table()
+        table = rows.filter(pc.equal(rows.column("run_id"), manifest.run_id))
         sources = {Path(s).parent.name for s in table.column("source").to_pylist()}
         assert table.num_rows == len(VARIANTS) and len(sources) == 1  # one run's rows, all from its own input
-        assert set(table.column("run_id").to_pylist()) == {manifest["run_id"]}
+    latest = DeltaTable(str(tmp_path / "out" / "latest")).to_pyarrow_table()
+    assert latest.num_rows == 2 * len(VARIANTS)  # both runs merged, each image once
     assert not (tmp_path / "out" / "_staging").exists()

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 import yaml
+from deltalake import DeltaTable
 
 from pipeline.cluster import (
     ClusterInputError,
@@ -28,8 +27,11 @@ from pipeline.cluster import (
     scheduled_submission_id,
     split_credentials,
 )
+from pipeline.query import dataset
+from pipeline.runs import OutputLocation
 from pipeline.samples import write_samples
 from pipeline.spec import parse_spec
+from pipeline.tables import read_manifests
 from tests.clusters import clean_environment, ray_head
 from tests.conftest import _free_port
 
@@ -210,7 +212,7 @@ def write_spec(path: Path, name: str, input_url: str, output: dict) -> Path:
 
 
 def predictions(output: Path) -> list[dict]:
-    return ds.dataset(output / "predictions", format="parquet").to_table(columns=["image_id", "status"]).to_pylist()
+    return DeltaTable(str(output / "predictions")).to_pyarrow_table(columns=["image_id", "status"]).to_pylist()
 
 
 @pytest.mark.slow
@@ -225,8 +227,8 @@ def test_submit_wait_runs_a_real_job_and_its_output_is_there(head, tmp_path):
     assert f"{len(images)} (" in result.stdout  # the driver's summary, streamed from the job's logs
     rows = predictions(tmp_path / "out")
     assert sorted(Path(r["image_id"]).name for r in rows) == sorted(p.name for p in images)
-    (manifest,) = (tmp_path / "out" / "_runs").glob("*.json")
-    assert json.loads(manifest.read_text())["spec"]["model"]["top_k"] == 2  # the --set reached the job
+    (manifest,) = read_manifests(OutputLocation.open(str(tmp_path / "out")))
+    assert manifest.spec["model"]["top_k"] == 2  # the --set reached the job
 
     # The driver joined this cluster (Ray records a driver only for a job that connected to it).
     assert client(head).get_job_info(job_id).driver_info is not None
@@ -266,17 +268,13 @@ def test_a_scheduled_night_runs_once_with_credentials_kept_out_of_sight(head, s3
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "already submitted: night-2026-11-29 (status SUCCEEDED)" in second.stdout
 
-    manifests = fs.glob(f"{bucket}/labels/_runs/*.json")
-    assert len(manifests) == 1  # ran once
-    files = [p for p in fs.find(f"{bucket}/labels/predictions") if p.endswith(".parquet")]
-    rows = 0
-    for path in files:
-        with fs.open(path) as f:
-            rows += pq.read_metadata(f).num_rows
-    assert rows == len(images)
+    output = OutputLocation.open(f"s3://{bucket}/labels", storage_options)
+    (manifest,) = read_manifests(output)  # ran once
+    assert dataset(output).count_rows() == len(images)
 
     logs = cli(head, "logs", "night-2026-11-29", "--address", head.address)
-    seen = "".join(r.stdout + r.stderr for r in (first, second, logs)) + fs.cat(manifests[0]).decode()
+    stored = b"".join(fs.cat_file(path) for path in fs.find(f"{bucket}/labels") if not path.endswith(".parquet"))
+    seen = "".join(r.stdout + r.stderr for r in (first, second, logs)) + json.dumps(manifest.spec) + stored.decode()
     for secret in (FAKE_SECRET, FAKE_KEY_ID, head.token):
         assert secret not in seen
 
@@ -301,7 +299,7 @@ def test_stop_ends_a_running_job(head, tmp_path):
     while "STOPPED" not in (status := cli(head, "status", "to-stop-1", "--address", head.address)).stdout:
         assert time.monotonic() < deadline, status.stdout + status.stderr
         time.sleep(1)
-    assert not (tmp_path / "out" / "_runs").exists() or not list((tmp_path / "out" / "_runs").glob("*.json"))
+    assert not (tmp_path / "out" / "runs").exists() or read_manifests(OutputLocation.open(str(tmp_path / "out"))) == []
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_output_contract_files_and_manifest(sample_run):
     location = OutputLocation.open(result.output_url)
     (manifest,) = read_manifests(location)
     good, bad = len(VARIANTS) * len(PHOTOS), len(BAD_FILES)
-    (path,) = Path(location.root, "predictions").glob("run-*/*.parquet")  # 34 rows in batches of 4: one file
+    (path,) = Path(location.root, "predictions").glob("run_id=*/*.parquet")  # 34 rows in batches of 4: one file
     table = pq.read_table(path)
     assert table.schema.equals(file_schema())  # the run id is the commit's partition value
     assert not Path(location.root, "_staging").exists()
@@ -236,7 +237,7 @@ def test_s3_layouts(layout, layout_images, s3):
     (manifest,) = read_manifests(OutputLocation.open(result.output_url, storage_options))
     assert not any(b"do-not-leak-this" in fs.cat_file(path) for path in fs.find(f"{bucket}/out"))
     assert manifest.spec["output"]["storage_options"]["secret"] == "***"
-    files = fs.glob(f"{bucket}/out/predictions/run-{result.run_id}/*.parquet")
+    files = fs.glob(f"{bucket}/out/predictions/run_id={result.run_id}/*.parquet")
     assert len(files) >= 2  # rows_per_file=2 over 6 rows
     with fs.open(files[0], "rb") as f:
         parquet = pq.ParquetFile(f)
@@ -416,6 +417,7 @@ def test_a_run_without_an_address_starts_its_own_cluster_even_beside_a_running_o
 def test_the_run_sink_writes_files_of_the_size_asked_and_describes_them_as_written(tmp_path):
     import ray
 
+    from pipeline.runs import staged_files
     from pipeline.writer import RunSink
     from tests.test_runs import rows
 
@@ -428,12 +430,15 @@ def test_the_run_sink_writes_files_of_the_size_asked_and_describes_them_as_writt
 
     written = sorted(sink.written, key=lambda file: file.path)
     assert sum(file.rows for file in written) == 10 and all(file.rows <= 4 for file in written)
+    folder = Path(location.root, "predictions")
     for file in written:  # what the sink says of each file is what the file holds
-        stored = pq.read_table(file.path)
-        assert stored.schema.equals(table.schema) and stored.num_rows == file.rows
+        stored = pq.read_table(folder / file.path)
+        assert stored.schema.equals(file_schema()) and stored.num_rows == file.rows
+        assert file.size == (folder / file.path).stat().st_size
         assert file.ok == stored.column("status").to_pylist().count("ok") and file.fingerprints == ("f" * 64,)
-    assert sorted(Path(p).name for p in location.find(location.staging("r1"), ".parquet")) == sorted(
-        Path(file.path).name for file in written
-    )
-    ids = pa.concat_tables(pq.read_table(file.path) for file in written).column("image_id").to_pylist()
+        assert dict(file.sources) == dict(Counter(stored.column("source").to_pylist()))
+        assert json.loads(file.stats)["numRecords"] == file.rows
+    assert sorted(p.name for p in folder.glob("run_id=r1/*.parquet")) == sorted(Path(f.path).name for f in written)
+    assert staged_files(location, "r1") == written  # the records a rerun adopts by
+    ids = pa.concat_tables(pq.read_table(folder / file.path) for file in written).column("image_id").to_pylist()
     assert sorted(ids) == sorted(table.column("image_id").to_pylist())

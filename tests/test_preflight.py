@@ -184,4 +184,4 @@ def test_the_cli_refuses_an_actor_larger_than_the_local_cluster(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "inference.actor_memory_gb: a model actor asks for 1 CPUs, 100000.0 GiB of memory" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "_runs").exists() and not (tmp_path / "out" / "_staging").exists()
+    assert not list((tmp_path / "out").glob("predictions/run_id=*")) and not (tmp_path / "out" / "_staging").exists()
