@@ -376,55 +376,64 @@ def _merge_run(
 
     A copy-on-write merge of our own rather than delta-rs's MERGE, whose files hold Arrow ``string_view`` columns
     that pyarrow cannot filter (delta-io/delta-rs#4579): the files of ``latest`` that hold a replaced or dropped image
-    are rewritten without it, the run's rows are added, and one commit removes the old files and adds the new.
+    are rewritten without it, the run's rows are added, and one commit removes the old files and adds the new. Rows
+    stream through, a file's worth at a time (DuckDB sorts them by source and image id, spilling to disk): files
+    sorted so have narrow bounds, which rule most files out of the next merge unread.
     """
+    import tempfile
+
     import duckdb
 
-    with duckdb.connect() as db:
-        db.register("rows", predictions.to_pyarrow_dataset(file_pruning_predicate=[("run_id", "=", run_id)]))
-        db.register("shards", dataset(location, SHARDS))
-        reread = pa.array(
-            [
-                url
-                for (url,) in db.execute(
-                    "SELECT DISTINCT url FROM shards WHERE run_id <> $run AND url IN "
-                    "(SELECT url FROM shards WHERE run_id = $run AND NOT partial)",
-                    {"run": run_id},
-                ).fetchall()
-            ],
-            pa.string(),
-        )
-        schema = output_schema()
-        incoming = (
-            db.sql(  # one row per image: a key that repeats in a shard keeps its last row
-                f"SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows WHERE run_id = $run "
-                "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1 "
-                "ORDER BY source, image_id",
-                params={"run": run_id},
-            )
-            .to_arrow_table()
-            .cast(schema)
-        )
-    replaced = incoming.column("image_id").combine_chunks()
+    schema = output_schema()
     now = int(time.time() * 1000)
     actions: list[AddAction | RemoveAction] = []
-    kept = []
-    files = pa.table(latest.get_add_actions(flatten=True)).to_pylist()
-    fragments = {fragment.path: fragment for fragment in latest.to_pyarrow_dataset().get_fragments()}
-    ids, sources = sorted(replaced.to_pylist()), sorted(reread.to_pylist())
-    for file in files:
-        # Files hold rows sorted by source and image id: their bounds (Delta stats) rule most files out unread.
-        if not (_any_within(ids, file, "image_id") or _any_within(sources, file, "source")):
-            continue
-        fragment = next(f for path, f in fragments.items() if path.endswith("/" + file["path"]) or path == file["path"])
-        keys = fragment.to_table(columns=["image_id", "source"])
-        gone = pc.or_(pc.is_in(keys.column("image_id"), replaced), pc.is_in(keys.column("source"), reread))
-        if not pc.any(gone).as_py():
-            continue
-        actions.append(RemoveAction(file["path"], True, now, file["size_bytes"], {}))
-        kept.append(fragment.to_table(schema=schema).filter(pc.invert(gone)))
-    merged = pa.concat_tables([*kept, incoming]).sort_by([("source", "ascending"), ("image_id", "ascending")])
-    written = _write_latest_files(location, merged, f"part-{version:010d}-{uuid.uuid4().hex[:8]}")
+    files = _LatestFiles(location, f"part-{version:010d}-{uuid.uuid4().hex[:8]}", schema)
+    with tempfile.TemporaryDirectory(prefix="resnet-pipeline-merge-") as spill, duckdb.connect() as db:
+        db.execute(f"SET temp_directory = {_literal(spill)}")
+        db.execute("SET memory_limit = '2GB'")
+        db.register("rows", predictions.to_pyarrow_dataset(file_pruning_predicate=[("run_id", "=", run_id)]))
+        db.register("shards", dataset(location, SHARDS))
+        reread = (
+            db.execute(
+                "SELECT DISTINCT url FROM shards WHERE run_id <> $run AND url IN "
+                "(SELECT url FROM shards WHERE run_id = $run AND NOT partial) ORDER BY url",
+                {"run": run_id},
+            )
+            .to_arrow_table()
+            .column("url")
+            .combine_chunks()
+            .cast(pa.string())
+        )
+        replaced = (
+            db.execute("SELECT DISTINCT image_id FROM rows WHERE run_id = $run ORDER BY image_id", {"run": run_id})
+            .to_arrow_table()
+            .column("image_id")
+            .combine_chunks()
+            .cast(pa.string())
+        )
+        ids, sources = replaced.to_pylist(), reread.to_pylist()
+        held = pa.table(latest.get_add_actions(flatten=True)).to_pylist()
+        fragments = {fragment.path: fragment for fragment in latest.to_pyarrow_dataset().get_fragments()}
+        for file in held:
+            if not (_any_within(ids, file, "image_id") or _any_within(sources, file, "source")):
+                continue
+            fragment = next(f for p, f in fragments.items() if p.endswith("/" + file["path"]) or p == file["path"])
+            keys = fragment.to_table(columns=["image_id", "source"])
+            gone = pc.or_(pc.is_in(keys.column("image_id"), replaced), pc.is_in(keys.column("source"), reread))
+            if not pc.any(gone).as_py():
+                continue
+            actions.append(RemoveAction(file["path"], True, now, file["size_bytes"], {}))
+            files.add(fragment.to_table(schema=schema).filter(pc.invert(gone)))
+        incoming = db.sql(  # one row per image: a key that repeats in a shard keeps its last row
+            f"SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows WHERE run_id = $run "
+            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1 "
+            "ORDER BY source, image_id",
+            params={"run": run_id},
+        )
+        with incoming.to_arrow_reader(4096) as reader:
+            for batch in reader:
+                files.add(pa.Table.from_batches([batch]).cast(schema))
+        written = files.close()
     actions += [AddAction(path, size, {}, now, True, stats) for path, size, stats in written]
     properties = CommitProperties(
         custom_metadata={RUN_KEY: run_id}, app_transactions=[Transaction(MERGED, version, now)]
@@ -438,6 +447,40 @@ def _merge_run(
         raise
 
 
+class _LatestFiles:
+    """Rows written as files of ``latest`` of about :data:`~pipeline.sink.TARGET_FILE_BYTES` each, as they come."""
+
+    def __init__(self, location: OutputLocation, prefix: str, schema: pa.Schema) -> None:
+        self.location, self.prefix, self.schema = location, prefix, schema
+        self.pending: list[pa.Table] = []
+        self.written: list[tuple[str, int, str]] = []  # (path, size, stats)
+
+    def add(self, rows: pa.Table) -> None:
+        from pipeline.sink import TARGET_FILE_BYTES
+
+        if rows.num_rows:
+            self.pending.append(rows)
+        if sum(table.nbytes for table in self.pending) >= TARGET_FILE_BYTES:
+            self._flush()
+
+    def close(self) -> list[tuple[str, int, str]]:
+        if self.pending:
+            self._flush()
+        return self.written
+
+    def _flush(self) -> None:
+        from pipeline.runs import file_stats
+
+        rows = pa.concat_tables(self.pending).combine_chunks()
+        self.pending = []
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        path = f"{self.prefix}-{len(self.written):05d}.parquet"
+        write_bytes(self.location.fs, self.location.path(LATEST, path), data)
+        self.written.append((path, len(data), json.dumps(file_stats(rows))))
+
+
 def _any_within(values: list[str], file: dict[str, Any], column: str) -> bool:
     """Whether any of the sorted ``values`` lies within the file's bounds of ``column`` (no bounds: maybe)."""
     low, high = file.get(f"min.{column}"), file.get(f"max.{column}")
@@ -445,26 +488,6 @@ def _any_within(values: list[str], file: dict[str, Any], column: str) -> bool:
         return bool(values)
     index = bisect.bisect_left(values, low)
     return index < len(values) and values[index] <= high
-
-
-def _write_latest_files(location: OutputLocation, rows: pa.Table, prefix: str) -> list[tuple[str, int, str]]:
-    """``rows`` as files of ``latest`` of about :data:`~pipeline.sink.TARGET_FILE_BYTES`; (path, size, stats) each."""
-    from pipeline.runs import file_stats
-    from pipeline.sink import TARGET_FILE_BYTES
-
-    if not rows.num_rows:
-        return []
-    per_file = max(1, int(rows.num_rows * TARGET_FILE_BYTES / max(1, rows.nbytes)))
-    written = []
-    for index, start in enumerate(range(0, rows.num_rows, per_file)):
-        part = rows.slice(start, per_file)
-        sink = pa.BufferOutputStream()
-        pq.write_table(part, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        path = f"{prefix}-{index:05d}.parquet"
-        write_bytes(location.fs, location.path(LATEST, path), data)
-        written.append((path, len(data), json.dumps(file_stats(part))))
-    return written
 
 
 def _identifier(name: str) -> str:
