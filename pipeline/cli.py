@@ -6,6 +6,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
@@ -195,11 +196,26 @@ MaxRowsOption = typer.Option(
 )
 
 
-def _connect(output: str, safe: bool = False):
+AsOfOption = typer.Option(
+    None,
+    "--as-of",
+    help="The output as it was: a version of the predictions table (see the runs view) or a time (ISO 8601, UTC).",
+)
+
+
+def _connect(output: str, safe: bool = False, as_of: str | None = None):
     from pipeline.query import connect
 
+    moment: int | datetime | None = None
+    if as_of is not None:
+        try:
+            moment = int(as_of) if as_of.isdigit() else datetime.fromisoformat(as_of)
+        except ValueError:
+            raise _fail(f"--as-of: {as_of!r} is neither a version number nor an ISO 8601 time") from None
+        if isinstance(moment, datetime) and moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
     try:
-        return connect(output, safe=safe)
+        return connect(output, safe=safe, as_of=moment)
     except Exception as error:
         raise _fail(f"cannot read {output}: {error}") from None
 
@@ -289,6 +305,7 @@ def query(
         "--safe",
         help="Read-only SQL: the views and nothing else (no files, URLs, ATTACH, INSTALL or SET); -o still writes.",
     ),
+    as_of: str | None = AsOfOption,
 ) -> None:
     """SQL over the committed runs of an output (DuckDB). Uncommitted and crashed runs are never seen.
 
@@ -297,7 +314,7 @@ def query(
     """
     from pipeline.query import Query
 
-    with _connect(output, safe) as db:
+    with _connect(output, safe, as_of) as db:
         _emit(db, Query(sql), output_format, output_file, max_rows)
 
 

@@ -54,20 +54,34 @@ SAFE_SETTINGS = (
 
 
 def connect(
-    output: str | OutputLocation, storage_options: dict | None = None, *, safe: bool = False
+    output: str | OutputLocation,
+    storage_options: dict | None = None,
+    *,
+    safe: bool = False,
+    as_of: int | datetime | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views above registered over ``output``'s tables.
 
     ``safe``: the connection reads the views and nothing else. The views read Arrow datasets that Python opened, so
     they work on; every file, URL, database and extension DuckDB would open itself is refused, and so is any SET.
+
+    ``as_of``: the output as it was at a version of the predictions table (the ``version`` column of ``runs``), or
+    at a time: every view shows what was committed then (:func:`pipeline.tables.as_of`).
     """
     location = output if isinstance(output, OutputLocation) else OutputLocation.open(output, storage_options)
     tables.check_format(location)
+    versions = tables.as_of(location, as_of) if as_of is not None else {}
     db = duckdb.connect()
     for name in (PREDICTIONS, LATEST, RUNS, SHARDS):
-        db.register(f"_{name}", tables.dataset(location, name))
+        db.register(f"_{name}", tables.dataset(location, name, versions.get(name)))
     for view in VIEWS:
         db.execute(view)
+    if as_of is not None:  # runs (and so shards) committed by then, though their rows were written later
+        db.execute(
+            "CREATE OR REPLACE VIEW runs AS SELECT row_number() OVER (ORDER BY version)::INTEGER AS seq, * "
+            f"FROM _runs WHERE version <= {versions[PREDICTIONS]} ORDER BY version"
+        )
+        db.execute("CREATE OR REPLACE VIEW shards AS SELECT s.* FROM _shards s SEMI JOIN runs r USING (run_id)")
     if safe:
         for setting in SAFE_SETTINGS:
             db.execute(setting)

@@ -556,6 +556,43 @@ def _remove_orphans(location: OutputLocation, pending: set[str]) -> None:
 # --- reading ---
 
 
+def as_of(location: OutputLocation, moment: int | datetime) -> dict[str, int]:
+    """The version of each table that shows the output as it was at predictions version ``moment`` (or at a time).
+
+    ``predictions`` at that version; ``latest`` at its last version that had merged no later predictions commit;
+    ``runs`` and ``shards`` whole (readers keep the runs committed by then, which may have been recorded later).
+    """
+    predictions = open_table(location, PREDICTIONS)
+    if isinstance(moment, datetime):
+        predictions.load_as_version(moment)
+    elif not 0 <= moment <= predictions.version():
+        raise LookupError(f"no version {moment} of {location.url()}/predictions (0 to {predictions.version()})")
+    else:
+        predictions.load_as_version(moment)
+    version = predictions.version()
+    latest = open_table(location, LATEST)
+    merged_at = 0
+    for candidate in range(latest.version(), 0, -1):
+        merged = merged_version(location, candidate)
+        if merged is not None and merged <= version:
+            merged_at = candidate
+            break
+    return {PREDICTIONS: version, LATEST: merged_at}
+
+
+def merged_version(location: OutputLocation, version: int) -> int | None:
+    """The predictions version that ``latest``'s commit ``version`` merged up to (None: not a merge of ours)."""
+    path = location.path(LATEST, "_delta_log", f"{version:020d}.json")
+    try:
+        text = with_retries(lambda: location.fs.cat_file(path)).decode()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        if '"txn"' in line and (txn := json.loads(line).get("txn", {})).get("appId") == MERGED:
+            return int(txn["version"])
+    return None
+
+
 def read_manifests(location: OutputLocation) -> list[Manifest]:
     """Manifests of committed runs, in commit order."""
     table = dataset(location, RUNS).to_table(columns=["version", "manifest"]).sort_by("version")

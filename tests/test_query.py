@@ -302,3 +302,20 @@ def test_safe_queries_still_read_every_view(labeled):
     result = cli("query", labeled["out"], views, "--safe", "--format", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["n"] == len(labeled["images"])
+
+
+def test_as_of_shows_the_output_as_it_was_after_an_earlier_run(labeled):
+    out, first, second = labeled["out"], labeled["first"], labeled["second"]
+    assert (first.version, second.version) == (1, 2)
+    with connect(out, as_of=first.version) as db:
+        assert db.execute("SELECT count(*) FROM predictions").fetchone()[0] == first.rows
+        assert set(db.execute("SELECT DISTINCT run_id FROM latest").fetchall()) == {(first.run_id,)}
+        assert db.execute("SELECT count(*) FROM latest").fetchone()[0] == first.rows
+        assert db.execute("SELECT run_id FROM runs").fetchall() == [(first.run_id,)]
+        assert {r[0] for r in db.execute("SELECT DISTINCT run_id FROM shards").fetchall()} == {first.run_id}
+    with connect(out, as_of=second.version) as db:
+        assert db.execute("SELECT count(DISTINCT run_id) FROM latest").fetchone()[0] == 2
+    shown = cli("query", out, "SELECT count(*) AS n FROM predictions", "--as-of", str(first.version), "--format", "csv")
+    assert shown.returncode == 0 and shown.stdout.split() == ["n", str(first.rows)], shown.stderr
+    wrong = cli("query", out, "SELECT 1", "--as-of", "yesterday")
+    assert wrong.returncode == 2 and "--as-of: 'yesterday' is neither a version number" in wrong.stderr
