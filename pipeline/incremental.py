@@ -28,7 +28,6 @@ from pipeline.runs import (
     OutputLocation,
     StagedFile,
     read_progress,
-    record_files,
     staged_files,
 )
 from pipeline.sources import Shard, ShardRead, unreadable_id
@@ -168,9 +167,9 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
     plan.adopted_from = [candidate.run_id]
     plan.adopted_files = files
     # Recorded like this run's own progress and files, so that a crash of this run can be adopted in turn.
-    name = f"adopted-{candidate.run_id}"
-    write_bytes(location.fs, location.progress_record(run_id, name), json.dumps(plan.adopted_shards).encode())
-    record_files(location, run_id, name, files)
+    progress, records = location.adoption_records(run_id, candidate.run_id)
+    write_bytes(location.fs, progress, json.dumps(plan.adopted_shards).encode())
+    write_bytes(location.fs, records, json.dumps([file.to_json() for file in files]).encode())
 
 
 def adoptable(files: list[StagedFile], finished_rows: dict[str, int]) -> tuple[list[StagedFile], set[str]]:

@@ -97,6 +97,15 @@ class OutputLocation:
         # The filesystem's own options include those fsspec's configuration gave it (FSSPEC_S3, for example).
         return delta_storage_options(self.fs, {**self.fs.storage_options, **(self.storage_options or {})})
 
+    def log_entry(self, table: str, version: int) -> str:
+        """The Delta log file of a table's commit ``version``."""
+        return self.path(table, "_delta_log", f"{version:020d}.json")
+
+    def adoption_records(self, run_id: str, crashed: str) -> list[str]:
+        """The records a run keeps of what it adopted from ``crashed`` (shards, files): see pipeline.incremental."""
+        name = f"adopted-{crashed}.json"
+        return [self.path(STAGING, run_id, PROGRESS, name), self.path(STAGING, run_id, FILES, name)]
+
     def progress(self, run_id: str) -> dict[str, Any]:
         """What a worker needs to record progress for this run (plain data: it travels to Ray workers)."""
         return {"url": self.url(STAGING, run_id, PROGRESS), "storage_options": self.storage_options}
@@ -344,6 +353,11 @@ def staged_files(location: OutputLocation, run_id: str) -> list[StagedFile]:
 
 def write_intent(location: OutputLocation, run_id: str, intent: dict[str, Any]) -> None:
     write_bytes(location.fs, location.path(STAGING, run_id, INTENT), _dumps(intent))
+
+
+def remove_intent(location: OutputLocation, run_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        with_retries(lambda: location.fs.rm(location.path(STAGING, run_id, INTENT)))
 
 
 def read_intent(location: OutputLocation, run_id: str) -> dict[str, Any] | None:

@@ -43,14 +43,11 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from pipeline.manifest import Manifest
 from pipeline.runs import (
-    FILES,
     LATEST,
     LEGACY_MANIFESTS,
     PREDICTIONS,
-    PROGRESS,
     RUNS,
     SHARDS,
-    STAGING,
     TABLES,
     OutputLocation,
     StagedFile,
@@ -60,6 +57,7 @@ from pipeline.runs import (
     lease_expired,
     read_intent,
     read_lease,
+    remove_intent,
     staging_runs,
     write_intent,
 )
@@ -278,7 +276,7 @@ def commit_info(location: OutputLocation, name: str, version: int) -> dict[str, 
     """A commit's ``commitInfo`` (our metadata keys included), read from its log file: ``DeltaTable.history`` numbers
     its entries from the loaded snapshot, wrongly once a newer commit exists (deltalake 1.6). {} when the log file
     is gone (log retention) or holds no commitInfo."""
-    path = location.path(name, "_delta_log", f"{version:020d}.json")
+    path = location.log_entry(name, version)
     try:
         text = with_retries(lambda: location.fs.cat_file(path)).decode()
     except FileNotFoundError:
@@ -531,16 +529,11 @@ def recover(location: OutputLocation) -> list[CrashedRun]:
 
 def forget_adoption(location: OutputLocation, run_id: str, adopted_from: Iterable[str]) -> None:
     """Drop a run's intent and its records of files adopted from others, leaving only what it wrote itself."""
-    fs = location.fs
-    paths = [location.staging(run_id, "_commit.json")]
+    remove_intent(location, run_id)
     for crashed in adopted_from:
-        paths += [
-            location.path(STAGING, run_id, PROGRESS, f"adopted-{crashed}.json"),
-            location.path(STAGING, run_id, FILES, f"adopted-{crashed}.json"),
-        ]
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            with_retries(lambda path=path: fs.rm(path))
+        for path in location.adoption_records(run_id, crashed):
+            with contextlib.suppress(FileNotFoundError):
+                with_retries(lambda path=path: location.fs.rm(path))
 
 
 def _remove_orphans(location: OutputLocation, pending: set[str]) -> None:
@@ -582,7 +575,7 @@ def as_of(location: OutputLocation, moment: int | datetime) -> dict[str, int]:
 
 def merged_version(location: OutputLocation, version: int) -> int | None:
     """The predictions version that ``latest``'s commit ``version`` merged up to (None: not a merge of ours)."""
-    path = location.path(LATEST, "_delta_log", f"{version:020d}.json")
+    path = location.log_entry(LATEST, version)
     try:
         text = with_retries(lambda: location.fs.cat_file(path)).decode()
     except FileNotFoundError:
