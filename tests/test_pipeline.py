@@ -264,7 +264,6 @@ def test_gpu_scheduling_path_on_a_cpu_machine(tmp_path):
         import json, ray
         from pipeline.runner import run
         from pipeline.spec import parse_spec
-from pipeline.tables import read_manifests
         ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
         spec = parse_spec({{"input": "{tmp_path}/images", "output": "{tmp_path}/out"}},
                           {SMALL!r} + ["inference.gpus_per_actor=1"])
@@ -326,7 +325,7 @@ def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
     while not predictor_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     (victim,) = predictor_processes()
-    while not list(staging.glob("*.parquet")) and time.monotonic() < deadline:
+    while not list(staging.glob("_files/*.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert worker.is_alive(), "the run finished before the actor could be killed; make it longer"
     os.kill(victim.pid, signal.SIGKILL)
