@@ -82,9 +82,6 @@ class OutputLocation:
         """A run's staging folder, or the file ``name`` in it."""
         return self.path(STAGING, run_id, name) if name else self.path(STAGING, run_id)
 
-    def progress_record(self, run_id: str, name: str) -> str:
-        return self.path(STAGING, run_id, PROGRESS, f"{name}.json")
-
     def table(self, name: str) -> str:
         """The URL of one of the output's Delta tables, as delta-rs takes it (a plain path on local disk)."""
         return self.path(name) if is_local(self.fs) else self.url(name)
