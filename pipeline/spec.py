@@ -39,7 +39,7 @@ class InputSpec(_Section):
 
 
 class OutputSpec(_Section):
-    url: str = Field(description="Where predictions/ and _runs/ are written; any fsspec URL.")
+    url: str = Field(description="Where the Delta tables predictions, latest, shards and runs live; any fsspec URL.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     embedding_dtype: Literal["float32", "float16", "none"] = "float32"
     rows_per_file: int | None = Field(
