@@ -392,18 +392,25 @@ def _merge_run(
         db.register("rows", predictions.to_pyarrow_dataset(file_pruning_predicate=[("run_id", "=", run_id)]))
         db.register("shards", dataset(location, SHARDS))
         reread = (
-            db.execute(
+            db.sql(
                 "SELECT DISTINCT url FROM shards WHERE run_id <> $run AND url IN "
                 "(SELECT url FROM shards WHERE run_id = $run AND NOT partial) ORDER BY url",
-                {"run": run_id},
+                params={"run": run_id},
             )
             .to_arrow_table()
             .column("url")
             .combine_chunks()
             .cast(pa.string())
         )
+        # The run's rows are read once, into DuckDB (which spills to disk beyond its memory limit): one row per
+        # image, as a key that repeats in a shard keeps its last row.
+        db.execute(
+            f"CREATE TEMP TABLE incoming AS SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows "
+            "WHERE run_id = $run QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1",
+            {"run": run_id},
+        )
         replaced = (
-            db.execute("SELECT DISTINCT image_id FROM rows WHERE run_id = $run ORDER BY image_id", {"run": run_id})
+            db.sql("SELECT image_id FROM incoming ORDER BY image_id")
             .to_arrow_table()
             .column("image_id")
             .combine_chunks()
@@ -422,12 +429,7 @@ def _merge_run(
                 continue
             actions.append(RemoveAction(file["path"], True, now, file["size_bytes"], {}))
             files.add(fragment.to_table(schema=schema).filter(pc.invert(gone)))
-        incoming = db.sql(  # one row per image: a key that repeats in a shard keeps its last row
-            f"SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows WHERE run_id = $run "
-            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1 "
-            "ORDER BY source, image_id",
-            params={"run": run_id},
-        )
+        incoming = db.sql("SELECT * FROM incoming ORDER BY source, image_id")
         with incoming.to_arrow_reader(4096) as reader:
             for batch in reader:
                 files.add(pa.Table.from_batches([batch]).cast(schema))
