@@ -24,7 +24,8 @@ Two parts (``--only``):
              ``predictions`` alone (writing the data files plus the predictions commit). ``--night-on-s3`` runs
              night 366 once more on a copy of the history uploaded to moto (straight, then through the proxy).
 
-    python benchmarks/delta_commit.py --workdir /tmp/delta-commit-bench --json /tmp/delta-commit-bench/results.json
+    python benchmarks/delta_commit.py --rebuild --night-on-s3 --repeat 3 --workdir /tmp/delta-commit-bench \
+        --json /tmp/delta-commit-bench/results.json    (as run for benchmarks/RESULTS.md: 34 minutes on 2 cores)
 
 The history is kept in the work folder and reused by a later invocation with the same sizes (``--rebuild`` builds
 it again).
