@@ -28,11 +28,12 @@ from pipeline.runs import (
     OutputLocation,
     StagedFile,
     read_progress,
+    record_adoption,
     staged_files,
 )
 from pipeline.sources import Shard, ShardRead, unreadable_id
 from pipeline.spec import JobSpec
-from pipeline.storage import version_of, with_retries, write_bytes
+from pipeline.storage import version_of, with_retries
 from pipeline.tables import RUNS, SHARDS, CrashedRun, dataset
 
 Mode = str  # "full" | "incremental" | "retry-failed"
@@ -166,10 +167,7 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
     plan.adopted_shards = [done[url] for url in sorted(finished)]
     plan.adopted_from = [candidate.run_id]
     plan.adopted_files = files
-    # Recorded like this run's own progress and files, so that a crash of this run can be adopted in turn.
-    progress, records = location.adoption_records(run_id, candidate.run_id)
-    write_bytes(location.fs, progress, json.dumps(plan.adopted_shards).encode())
-    write_bytes(location.fs, records, json.dumps([file.to_json() for file in files]).encode())
+    record_adoption(location, run_id, candidate.run_id, plan.adopted_shards, files)
 
 
 def adoptable(files: list[StagedFile], finished_rows: dict[str, int]) -> tuple[list[StagedFile], set[str]]:

@@ -35,6 +35,7 @@ import pyarrow.dataset as ds
 
 from pipeline import tables
 from pipeline.runs import LATEST, PREDICTIONS, RUNS, SHARDS, OutputLocation
+from pipeline.storage import identifier, literal
 
 VIEWS = (
     "CREATE VIEW predictions AS SELECT * FROM _predictions",
@@ -212,7 +213,7 @@ def relation(
     flat = [name for name, kind in zip(rel.columns, rel.types, strict=True) if kind.id not in NESTED]
     if not flat:
         raise QueryError(f"no column fits in CSV ({', '.join(rel.columns)} are nested): use JSON or Parquet")
-    return rel if len(flat) == len(rel.columns) else rel.project(", ".join(_identifier(name) for name in flat))
+    return rel if len(flat) == len(rel.columns) else rel.project(", ".join(identifier(name) for name in flat))
 
 
 def export(db: duckdb.DuckDBPyConnection, query: Query, output_format: str, path: Path) -> None:
@@ -226,7 +227,7 @@ def export(db: duckdb.DuckDBPyConnection, query: Query, output_format: str, path
         raise QueryError("the statement returns no rows to write")
     if db.execute("SELECT current_setting('enable_external_access')").fetchall() == [(True,)]:
         rel.create_view("_export")  # parameter values become literals: COPY takes none
-        db.execute(f"COPY _export TO {_literal(str(path))} (FORMAT {output_format})")
+        db.execute(f"COPY _export TO {literal(str(path))} (FORMAT {output_format})")
         return
     import pyarrow.parquet as pq
 
@@ -261,11 +262,3 @@ def _csv_text(records: Iterator[tuple] | list[list[str]]) -> str:
     sink = io.StringIO()
     csv.writer(sink, lineterminator="\n").writerows(records)
     return sink.getvalue()
-
-
-def _identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

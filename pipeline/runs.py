@@ -100,8 +100,13 @@ class OutputLocation:
 
     def adoption_records(self, run_id: str, crashed: str) -> list[str]:
         """The records a run keeps of what it adopted from ``crashed`` (shards, files): see pipeline.incremental."""
-        name = f"adopted-{crashed}.json"
-        return [self.path(STAGING, run_id, PROGRESS, name), self.path(STAGING, run_id, FILES, name)]
+        return [self.progress_record(run_id, f"adopted-{crashed}"), self.files_record(run_id, f"adopted-{crashed}")]
+
+    def progress_record(self, run_id: str, name: str) -> str:
+        return self.path(STAGING, run_id, PROGRESS, f"{name}.json")
+
+    def files_record(self, run_id: str, name: str) -> str:
+        return self.path(STAGING, run_id, FILES, f"{name}.json")
 
     def progress(self, run_id: str) -> dict[str, Any]:
         """What a worker needs to record progress for this run (plain data: it travels to Ray workers)."""
@@ -331,9 +336,16 @@ def file_stats(table: pa.Table) -> dict[str, Any]:
 
 
 def record_files(location: OutputLocation, run_id: str, name: str, files: list[StagedFile]) -> None:
-    write_bytes(
-        location.fs, location.path(STAGING, run_id, FILES, f"{name}.json"), _dumps([f.to_json() for f in files])
-    )
+    write_bytes(location.fs, location.files_record(run_id, name), _dumps([f.to_json() for f in files]))
+
+
+def record_adoption(
+    location: OutputLocation, run_id: str, crashed: str, shards: list[dict[str, Any]], files: list[StagedFile]
+) -> None:
+    """What a run took over from ``crashed``, recorded like its own progress and files (a crash of this run can be
+    adopted in turn)."""
+    write_bytes(location.fs, location.progress_record(run_id, f"adopted-{crashed}"), _dumps(shards))
+    record_files(location, run_id, f"adopted-{crashed}", files)
 
 
 def staged_files(location: OutputLocation, run_id: str) -> list[StagedFile]:

@@ -169,3 +169,13 @@ def delta_storage_options(fs: fsspec.AbstractFileSystem, options: dict[str, Any]
     if region and "AWS_REGION" not in translated:
         translated["AWS_REGION"] = region
     return translated
+
+
+def identifier(name: str) -> str:
+    """A name quoted for SQL (DuckDB)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    """A string quoted as an SQL literal (DuckDB)."""
+    return "'" + text.replace("'", "''") + "'"

@@ -62,7 +62,7 @@ from pipeline.runs import (
     write_intent,
 )
 from pipeline.sink import output_schema
-from pipeline.storage import with_retries, write_bytes
+from pipeline.storage import identifier, literal, with_retries, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,10 @@ def open_table(location: OutputLocation, name: str, version: int | str | datetim
 
 def dataset(location: OutputLocation, name: str, version: int | str | datetime | None = None) -> ds.Dataset:
     """A table's rows (as of ``version``: a number or a time) as a pyarrow dataset: committed files only."""
-    if not is_table(location, name):
+    try:
+        return open_table(location, name, version).to_pyarrow_dataset()
+    except TableNotFoundError:
         return ds.dataset(SCHEMAS[name].empty_table())
-    return open_table(location, name, version).to_pyarrow_dataset()
 
 
 # --- commit ---
@@ -276,15 +277,16 @@ def commit_info(location: OutputLocation, name: str, version: int) -> dict[str, 
     """A commit's ``commitInfo`` (our metadata keys included), read from its log file: ``DeltaTable.history`` numbers
     its entries from the loaded snapshot, wrongly once a newer commit exists (deltalake 1.6). {} when the log file
     is gone (log retention) or holds no commitInfo."""
-    path = location.log_entry(name, version)
+    return next((a["commitInfo"] for a in log_actions(location, name, version) if "commitInfo" in a), {})
+
+
+def log_actions(location: OutputLocation, name: str, version: int) -> list[dict[str, Any]]:
+    """The actions of a table's commit ``version``, from its log file ([] when the file is gone)."""
     try:
-        text = with_retries(lambda: location.fs.cat_file(path)).decode()
+        text = with_retries(lambda: location.fs.cat_file(location.log_entry(name, version))).decode()
     except FileNotFoundError:
-        return {}
-    for line in text.splitlines():
-        if '"commitInfo"' in line:
-            return json.loads(line).get("commitInfo", {})
-    return {}
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _append_once(location: OutputLocation, name: str, run_id: str, rows: pa.Table) -> None:
@@ -387,7 +389,7 @@ def _merge_run(
     actions: list[AddAction | RemoveAction] = []
     files = _LatestFiles(location, f"part-{version:010d}-{uuid.uuid4().hex[:8]}", schema)
     with tempfile.TemporaryDirectory(prefix="resnet-pipeline-merge-") as spill, duckdb.connect() as db:
-        db.execute(f"SET temp_directory = {_literal(spill)}")
+        db.execute(f"SET temp_directory = {literal(spill)}")
         db.execute("SET memory_limit = '2GB'")
         db.register("rows", predictions.to_pyarrow_dataset(file_pruning_predicate=[("run_id", "=", run_id)]))
         db.register("shards", dataset(location, SHARDS))
@@ -405,7 +407,7 @@ def _merge_run(
         # The run's rows are read once, into DuckDB (which spills to disk beyond its memory limit): one row per
         # image, as a key that repeats in a shard keeps its last row.
         db.execute(
-            f"CREATE TEMP TABLE incoming AS SELECT {', '.join(_identifier(n) for n in schema.names)} FROM rows "
+            f"CREATE TEMP TABLE incoming AS SELECT {', '.join(identifier(n) for n in schema.names)} FROM rows "
             "WHERE run_id = $run QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY processed_at DESC) = 1",
             {"run": run_id},
         )
@@ -418,11 +420,12 @@ def _merge_run(
         )
         ids, sources = replaced.to_pylist(), reread.to_pylist()
         held = pa.table(latest.get_add_actions(flatten=True)).to_pylist()
-        fragments = {fragment.path: fragment for fragment in latest.to_pyarrow_dataset().get_fragments()}
+        # latest is unpartitioned: its files lie at the table's top, and the log names them by file name
+        fragments = {f.path.rsplit("/", 1)[-1]: f for f in latest.to_pyarrow_dataset().get_fragments()}
         for file in held:
             if not (_any_within(ids, file, "image_id") or _any_within(sources, file, "source")):
                 continue
-            fragment = next(f for p, f in fragments.items() if p.endswith("/" + file["path"]) or p == file["path"])
+            fragment = fragments[file["path"]]
             keys = fragment.to_table(columns=["image_id", "source"])
             gone = pc.or_(pc.is_in(keys.column("image_id"), replaced), pc.is_in(keys.column("source"), reread))
             if not pc.any(gone).as_py():
@@ -488,14 +491,6 @@ def _any_within(values: list[str], file: dict[str, Any], column: str) -> bool:
         return bool(values)
     index = bisect.bisect_left(values, low)
     return index < len(values) and values[index] <= high
-
-
-def _identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 # --- recovery ---
@@ -577,15 +572,8 @@ def as_of(location: OutputLocation, moment: int | datetime) -> dict[str, int]:
 
 def merged_version(location: OutputLocation, version: int) -> int | None:
     """The predictions version that ``latest``'s commit ``version`` merged up to (None: not a merge of ours)."""
-    path = location.log_entry(LATEST, version)
-    try:
-        text = with_retries(lambda: location.fs.cat_file(path)).decode()
-    except FileNotFoundError:
-        return None
-    for line in text.splitlines():
-        if '"txn"' in line and (txn := json.loads(line).get("txn", {})).get("appId") == MERGED:
-            return int(txn["version"])
-    return None
+    txns = (a["txn"] for a in log_actions(location, LATEST, version) if a.get("txn", {}).get("appId") == MERGED)
+    return next((int(txn["version"]) for txn in txns), None)
 
 
 def read_manifests(location: OutputLocation) -> list[Manifest]:
