@@ -163,6 +163,7 @@ def _input_options(spec: JobSpec) -> dict[str, Any]:
         "storage_options": spec.input.storage_options,
         "image_column": spec.input.image_column,
         "id_column": spec.input.id_column,
+        "compression": spec.input.compression,
     }
 
 

@@ -34,6 +34,9 @@ class InputSpec(_Section):
     format: Literal["auto", "images", "webdataset", "tfrecord", "parquet"] = "auto"
     image_column: str | None = Field(None, description="Parquet: the column with image bytes (auto-detected).")
     id_column: str | None = Field(None, description="Parquet: a column with a key per image (optional).")
+    compression: Literal["auto", "none", "gzip", "zlib"] = Field(
+        "auto", description="TFRecord: how the files are compressed; auto: from the name (.gz, .zz), else sniffed."
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec.")
     files_per_task: int = Field(256, ge=1, description="Image trees: files read and decoded by one task.")
 

@@ -94,11 +94,9 @@ class Record:
 
 
 def format_of(path: str) -> str | None:
-    name = path.lower()
-    for format_name, reader in READERS.items():
-        if name.endswith(reader.EXTENSIONS):
-            return format_name
-    return None
+    """The layout a file's name says it holds (under ``format: auto``), or None."""
+    name = path.rsplit("/", 1)[-1].lower()
+    return next((format_name for format_name, reader in READERS.items() if reader.claims(name)), None)
 
 
 def _is_hidden(path: str, root: str) -> bool:

@@ -7,6 +7,11 @@ from collections.abc import Iterator
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def claims(name: str) -> bool:
+    """Whether a file of this (lower-case) name is a shard of this layout, when the format is ``auto``."""
+    return name.endswith(EXTENSIONS)
+
+
 def read(fs, path: str, url: str, options: dict) -> Iterator:
     from pipeline.sources import Record
 

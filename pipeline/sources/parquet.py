@@ -18,6 +18,11 @@ IMAGE_COLUMNS = ("image", "image_bytes", "bytes", "jpg", "jpeg", "png", "img")
 ID_COLUMNS = ("id", "key", "image_id", "__key__", "filename", "path")
 
 
+def claims(name: str) -> bool:
+    """Whether a file of this (lower-case) name is a shard of this layout, when the format is ``auto``."""
+    return name.endswith(EXTENSIONS)
+
+
 class ColumnError(KeyError):
     """A Parquet file without the columns the spec names (or without any image column); ``field`` is the spec's."""
 

@@ -16,6 +16,11 @@ EXTENSIONS = (".tfrecord", ".tfrecords")
 KEY_FEATURES = ("image/filename", "image/key", "key", "image/source_id", "image/id")
 
 
+def claims(name: str) -> bool:
+    """Whether a file of this (lower-case) name is a shard of this layout, when the format is ``auto``."""
+    return name.endswith(EXTENSIONS)
+
+
 @cache
 def _example_class():
     """``tensorflow.Example`` (example.proto, feature.proto) built in a private descriptor pool."""

@@ -14,6 +14,11 @@ from pipeline.sources import images
 EXTENSIONS = (".tar",)
 
 
+def claims(name: str) -> bool:
+    """Whether a file of this (lower-case) name is a shard of this layout, when the format is ``auto``."""
+    return name.endswith(EXTENSIONS)
+
+
 def read(fs, path: str, url: str, options: dict) -> Iterator:
     from pipeline.sources import Record
 
