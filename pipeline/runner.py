@@ -201,10 +201,13 @@ def run(
     progress: bool = True,
     full: bool = False,
     retry_failed: bool = False,
+    verbose: bool = False,
 ) -> RunResult:
     """Run the job; raises InputError/PreflightError before any work, or the Ray error if the run fails.
 
     ``full`` ignores ``incremental``; ``retry_failed`` reads only the images whose newest committed row is an error.
+    ``progress`` shows images done and images/s while the plan runs; ``verbose`` shows Ray Data's own progress and
+    logs, and the workers' start-up messages, instead.
     A run that finds nothing to do commits nothing and returns a result with ``version`` None.
     """
     started = time.perf_counter()
@@ -223,7 +226,7 @@ def run(
             discard(location, run_id)
             return RunResult(run_id, location.url(), None, 0, 0, 0, time.perf_counter() - started, plan=plan.summary())
         try:
-            execution = _execute(spec, plan, location, run_id, progress, address)
+            execution = _execute(spec, plan, location, run_id, progress, address, verbose)
             staged = StagedOutput.of([*plan.adopted_files, *execution.written])
             shard_records = _check_complete(location, run_id, plan, staged, execution.stopped)
             # A retry reads only failed images: its own error share says nothing about the input.
@@ -303,7 +306,13 @@ class Execution:
 
 
 def _execute(
-    spec: JobSpec, plan: Plan, location: OutputLocation, run_id: str, progress: bool, address: str | None
+    spec: JobSpec,
+    plan: Plan,
+    location: OutputLocation,
+    run_id: str,
+    progress: bool,
+    address: str | None,
+    verbose: bool = False,
 ) -> Execution:
     """Run the Ray plan over ``plan.reads``, writing into the run's staging folder."""
     if not plan.reads:
@@ -315,8 +324,10 @@ def _execute(
     from ray.data import DataContext
 
     from pipeline.metrics import StageTimer
+    from pipeline.progress import quiet_driver, show_progress
     from pipeline.writer import RunSink
 
+    quiet_driver(verbose)
     target_rows = rows_per_file(
         spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k, spec.output.rows_per_file
     )
@@ -328,14 +339,15 @@ def _execute(
     budget = _buffer_bytes(spec, target_rows, ray.cluster_resources().get("CPU", 1))
     limits = context.execution_options.resource_limits
     context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
-    context.enable_progress_bars = progress
-    context.print_on_execution_start = progress
+    context.enable_progress_bars = progress and verbose
+    context.print_on_execution_start = verbose
     ray_started = time.perf_counter()
     timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
     sink = RunSink(location, run_id, target_rows, output_schema())
+    tasks = _read_tasks(plan.reads, spec.input.files_per_task)
     try:
-        with _first_interrupt_stops(timer) as stopped:
-            _plan(spec, plan.reads, location, run_id, timer).write_datasink(sink)
+        with _first_interrupt_stops(timer) as stopped, show_progress(timer, len(tasks), progress and not verbose):
+            _plan(spec, tasks, location, run_id, timer, verbose).write_datasink(sink)
         stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
     finally:
         ray.kill(timer)
@@ -524,15 +536,15 @@ def _check_complete(
     return sorted(records.values(), key=lambda record: record["url"])
 
 
-def _plan(spec: JobSpec, reads: list[ShardRead], location: OutputLocation, run_id: str, timer):
+def _plan(spec: JobSpec, tasks: list[ReadTask], location: OutputLocation, run_id: str, timer, verbose: bool = False):
     """The Ray Data plan: read tasks -> read and decode on CPU tasks -> predictor actor pool."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipeline.predict import Predictor
+    from pipeline.progress import actor_env
     from pipeline.reader import read_and_decode
 
-    tasks = _read_tasks(reads, spec.input.files_per_task)
     return (
         ray.data.from_items([{"task": task.to_record()} for task in tasks], override_num_blocks=len(tasks))
         .map_batches(
@@ -564,7 +576,7 @@ def _plan(spec: JobSpec, reads: list[ShardRead], location: OutputLocation, run_i
             # Reserving the model's memory keeps Ray from packing more actors on a node than fit. It also keeps Ray
             # Data from fusing decoding into the actors (different remote args): decoding scales with CPUs.
             memory=spec.inference.actor_memory_gb * GIB,
-            runtime_env={"env_vars": {"KERAS_BACKEND": spec.inference.backend}},
+            runtime_env={"env_vars": {"KERAS_BACKEND": spec.inference.backend, **actor_env(verbose)}},
             fn_constructor_kwargs={
                 "model_spec": spec.model,
                 "inference": spec.inference,
