@@ -47,6 +47,81 @@ class PlanSummary:
     adopted_from: list[str] = field(default_factory=list)
 
 
+EXAMPLES = 5  # names kept per reason: enough to recognise the files, never a listing of millions
+
+
+@dataclass
+class Examples:
+    """How many things one reason covers, and the first few names."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, name: str, count: int = 1) -> None:
+        self.count += count
+        if len(self.first) < EXAMPLES:
+            self.first.append(name)
+
+    def merge(self, other: Examples) -> None:
+        self.count += other.count
+        self.first.extend(other.first[: EXAMPLES - len(self.first)])
+
+
+@dataclass
+class Tally:
+    """What a listing or a read met: every thing ``seen`` is ``kept`` (a shard; a row) or skipped by a named reason
+    (``hidden``, ``sidecar``, ``not an image``...), so ``seen == kept + sum of skipped``. ``renamed``: keys that
+    repeated within a shard and were given their position as a suffix, to stay unique."""
+
+    seen: int = 0
+    kept: int = 0
+    skipped: dict[str, Examples] = field(default_factory=dict)
+    renamed: Examples = field(default_factory=Examples)
+
+    def keep(self) -> None:
+        self.seen += 1
+        self.kept += 1
+
+    def skip(self, reason: str, name: str) -> None:
+        self.seen += 1
+        self.skipped.setdefault(reason, Examples()).add(name)
+
+    @property
+    def skipped_count(self) -> int:
+        return sum(examples.count for examples in self.skipped.values())
+
+    def merge(self, other: Tally) -> Tally:
+        self.seen += other.seen
+        self.kept += other.kept
+        for reason, examples in other.skipped.items():
+            self.skipped.setdefault(reason, Examples()).merge(examples)
+        self.renamed.merge(other.renamed)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any] | None) -> Tally:
+        document = document or {}
+        return cls(
+            seen=document.get("seen", 0),
+            kept=document.get("kept", 0),
+            skipped={reason: Examples(**examples) for reason, examples in document.get("skipped", {}).items()},
+            renamed=Examples(**document.get("renamed", {})),
+        )
+
+
+@dataclass(frozen=True)
+class InputCounts:
+    """Nothing disappears silently: ``listed`` tallies the objects under the input URL (kept: shards), ``read`` the
+    entries met in the shards this run read or adopted (image files, records, tar members, Parquet rows; kept:
+    rows)."""
+
+    listed: Tally = field(default_factory=Tally)
+    read: Tally = field(default_factory=Tally)
+
+
 @dataclass(frozen=True)
 class Counts:
     rows: int = 0
@@ -60,6 +135,7 @@ class Manifest:
     model: ModelRecord
     plan: PlanSummary = field(default_factory=PlanSummary)
     counts: Counts = field(default_factory=Counts)
+    input: InputCounts = field(default_factory=InputCounts)
     spec: dict[str, Any] = field(default_factory=dict)  # redacted: no credential values
     started_at: str | None = None
     finished_at: str | None = None
@@ -92,5 +168,8 @@ class Manifest:
                 "model": ModelRecord(**_known(ModelRecord, document.get("model", {}))),
                 "plan": PlanSummary(**_known(PlanSummary, document.get("plan", {}))),
                 "counts": Counts(**_known(Counts, document.get("counts", {}))),
+                "input": InputCounts(
+                    *(Tally.from_json((document.get("input") or {}).get(k)) for k in ("listed", "read"))
+                ),
             }
         )

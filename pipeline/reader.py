@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from pipeline.decode import DecodeError, Preprocessing, decode
+from pipeline.manifest import Tally
 from pipeline.runs import record_progress
 from pipeline.sources import ReadTask, read_shard
 
@@ -32,8 +33,9 @@ def read_and_decode(
     Every record becomes exactly one row. Error rows carry zero pixels so every batch has one tensor shape; "no
     error" is "" and an unknown size is -1 (the predictor turns both into nulls). A task that begins after the
     driver asked the run to stop (``timer.request_stop``) reads nothing. When all shards of a task are read, the
-    number of rows each gave is recorded under ``progress`` (see :func:`pipeline.runs.record_progress`): a rerun
-    after a crash uses it to tell finished shards from half-written ones.
+    number of rows each gave, and the tally of what it held, is recorded under ``progress`` (see
+    :func:`pipeline.runs.record_progress`): a rerun after a crash uses it to tell finished shards from half-written
+    ones, and the manifest counts what was skipped.
     """
     rows: list[tuple] = []
     read_seconds = decode_seconds = 0.0
@@ -63,7 +65,8 @@ def read_and_decode(
             continue  # the run is stopping: shards not begun are left whole for the rerun
         done = []
         for shard_read in task.reads:
-            records = read_shard(shard_read.shard, input_options, only=shard_read.only)
+            tally = Tally()
+            records = read_shard(shard_read.shard, input_options, only=shard_read.only, tally=tally)
             count = 0
             while True:
                 started = time.perf_counter()
@@ -85,7 +88,7 @@ def read_and_decode(
                 decode_seconds += time.perf_counter() - started
                 if len(rows) >= rows_per_batch:
                     yield flush()
-            done.append(shard_read.done(count))
+            done.append(shard_read.done(count, tally))
         if progress is not None:
             record_progress(progress, task.key, done)
     if rows:

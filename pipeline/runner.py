@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.incremental import Plan, adopt, plan_retry, plan_run, work_key
-from pipeline.manifest import Counts, Manifest, ModelRecord, PlanSummary
+from pipeline.manifest import Counts, InputCounts, Manifest, ModelRecord, PlanSummary, Tally
 from pipeline.runs import (
     Lease,
     OutputLocation,
@@ -36,7 +36,7 @@ from pipeline.runs import (
     staged_files,
 )
 from pipeline.sink import output_schema, row_bytes, rows_per_file
-from pipeline.sources import InputError, ReadTask, Shard, ShardRead, check_columns, list_shards
+from pipeline.sources import InputError, Listing, ReadTask, ShardRead, check_columns, list_shards
 from pipeline.spec import JobSpec
 from pipeline.storage import is_within
 from pipeline.tables import (
@@ -112,15 +112,15 @@ def _read_tasks(reads: list[ShardRead], files_per_task: int) -> list[ReadTask]:
     return tasks
 
 
-def preflight(spec: JobSpec) -> list[Shard]:
-    """Checks that need no cluster: input listing, weights, labels, output. Returns the shards."""
+def preflight(spec: JobSpec) -> Listing:
+    """Checks that need no cluster: input listing, weights, labels, output. Returns the listing."""
     if is_within(spec.output.url, spec.output.storage_options, spec.input.url, spec.input.storage_options):
         raise PreflightError(
             f"output.url: {spec.output.url} is inside the input {spec.input.url}: a later run would read the output's "
             "files as images; choose an output outside the input"
         )
-    shards = list_shards(spec.input.url, spec.input.format, spec.input.storage_options)
-    check_columns(shards, _input_options(spec))
+    listing = list_shards(spec.input.url, spec.input.format, spec.input.storage_options)
+    check_columns(listing.shards, _input_options(spec))
     from pipeline.model import LabelError, Labels, WeightsError
     from pipeline.model.weights import imagenet_file, local_copy
 
@@ -154,7 +154,7 @@ def preflight(spec: JobSpec) -> list[Shard]:
         raise PreflightError(f"output.url: {error}") from None
     except Exception as error:
         raise PreflightError(f"output.url: cannot write to {spec.output.url}: {error}") from None
-    return shards
+    return listing
 
 
 def _input_options(spec: JobSpec) -> dict[str, Any]:
@@ -212,7 +212,8 @@ def run(
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
-    shards = preflight(spec)
+    listing = preflight(spec)
+    shards = listing.shards
     location = OutputLocation.open(spec.output.url, spec.output.storage_options)
     key, key_parts = work_key(spec)
     ensure_tables(location)
@@ -265,6 +266,7 @@ def run(
             ),
             plan=plan.summary(),
             counts=Counts(staged.rows, staged.ok, staged.error),
+            input=InputCounts(listing.tally, _read_tally(shard_records)),
             images_per_second=round(staged.rows / wall, 3) if wall else None,
             stage_seconds=stage_seconds,
             actors=execution.actors,
@@ -509,6 +511,14 @@ def _buffer_bytes(spec: JobSpec, rows_per_file: int, cluster_cpus: float) -> int
     decoding = decode_tasks * spec.input.files_per_task * image_bytes
     rows = 2 * rows_per_file * row_bytes(spec.model.embedding_dim, spec.output.embedding_dtype, spec.model.top_k)
     return max(128 * 2**20, waiting + decoding + rows)
+
+
+def _read_tally(shard_records: list[dict[str, Any]]) -> Tally:
+    """What the shards this run read or adopted held, from their progress records."""
+    tally = Tally()
+    for record in shard_records:
+        tally.merge(Tally.from_json(record.get("tally")))
+    return tally
 
 
 def _check_complete(

@@ -58,8 +58,8 @@ def test_an_output_inside_its_input_is_refused_naming_both(tmp_path, monkeypatch
 
 def test_an_output_beside_the_input_is_fine(tmp_path):
     source = images(tmp_path / "in")
-    assert len(preflight(spec(str(source), str(tmp_path / "in-labels")))) == 1  # a shared prefix is not a folder
-    assert len(preflight(spec(f"{source}/*.jpg", str(tmp_path / "labels")))) == 1
+    assert len(preflight(spec(str(source), str(tmp_path / "in-labels"))).shards) == 1  # a shared prefix is not a folder
+    assert len(preflight(spec(f"{source}/*.jpg", str(tmp_path / "labels"))).shards) == 1
 
 
 @pytest.mark.parametrize(

@@ -874,11 +874,11 @@ def test_a_shard_read_through_dropped_connections_loses_and_repeats_nothing(s3, 
             "default_block_size": 2048,  # many range requests per tar: many chances to fail mid-stream
             "skip_instance_cache": True,
         }
-        (tar,) = list_shards(f"s3://{bucket}/in/", "webdataset", options)
+        (tar,) = list_shards(f"s3://{bucket}/in/", "webdataset", options).shards
         records = list(read_shard(tar, {"storage_options": options}))
         files = [
             r
-            for s in list_shards(f"s3://{bucket}/in/files/", "images", options)
+            for s in list_shards(f"s3://{bucket}/in/files/", "images", options).shards
             for r in read_shard(s, {"storage_options": options})
         ]
     assert proxy.counts["slow_down"] and proxy.counts["drop_before"] and proxy.counts["drop_after"], proxy.counts

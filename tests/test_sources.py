@@ -29,7 +29,7 @@ def test_local_layouts(layout, images, tmp_path):
     fs = fsspec.filesystem("file", auto_mkdir=True)
     root = str(tmp_path / "input")
     expected = write_layout(layout, fs, root, root, images)
-    shards = list_shards(root)
+    shards = list_shards(root).shards
     assert {shard.format for shard in shards} == {layout}
     assert len(shards) == (len(images) if layout == "images" else 2)
     assert all(shard.size and shard.etag for shard in shards)
@@ -41,7 +41,7 @@ def test_s3_layouts(layout, images, s3):
     fs, bucket, storage_options = s3
     root = f"{bucket}/{layout}"
     expected = write_layout(layout, fs, root, f"s3://{root}", images)
-    shards = list_shards(f"s3://{root}/", "auto", storage_options)
+    shards = list_shards(f"s3://{root}/", "auto", storage_options).shards
     assert {shard.format for shard in shards} == {layout}
     assert all(shard.url.startswith(f"s3://{root}/") for shard in shards)
     assert all(shard.etag for shard in shards)  # S3 ETags, for incremental runs
@@ -55,8 +55,8 @@ def test_globs_formats_and_hidden_paths(images, tmp_path):
     fs.pipe_file(f"{root}/folder0/.hidden.jpg", images["photo.jpg"])
     fs.pipe_file(f"{root}/_staging/partial.jpg", images["photo.jpg"])
     fs.pipe_file(f"{root}/notes.txt", b"not an image")
-    assert len(list_shards(root)) == len(images)
-    assert [s.url.rsplit("/", 1)[1] for s in list_shards(f"{root}/*/*.png")] == ["photo.png", "rgba.png"]
+    assert len(list_shards(root).shards) == len(images)
+    assert [s.url.rsplit("/", 1)[1] for s in list_shards(f"{root}/*/*.png").shards] == ["photo.png", "rgba.png"]
     with pytest.raises(InputError, match="no parquet shards found"):
         list_shards(root, "parquet")
 
@@ -68,7 +68,7 @@ def test_mixed_layouts_need_a_format(images, tmp_path):
     write_layout("webdataset", fs, f"{root}/b", f"{root}/b", images)
     with pytest.raises(InputError, match="mixes layouts"):
         list_shards(root)
-    assert {s.format for s in list_shards(root, "webdataset")} == {"webdataset"}
+    assert {s.format for s in list_shards(root, "webdataset").shards} == {"webdataset"}
 
 
 def test_missing_and_empty_inputs_name_the_url(tmp_path, s3):
@@ -98,7 +98,7 @@ def test_a_truncated_tar_keeps_its_good_members_and_reports_the_rest(images, tmp
     fs = fsspec.filesystem("file", auto_mkdir=True)
     root = str(tmp_path / "input")
     write_layout("webdataset", fs, root, root, images)
-    shard = list_shards(root)[0]
+    shard = list_shards(root).shards[0]
     data = fs.cat_file(shard.url)
     fs.pipe_file(shard.url, data[: len(data) // 2])
     records = list(read_shard(Shard(shard.url, "webdataset"), {}))

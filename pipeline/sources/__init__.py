@@ -2,6 +2,17 @@
 
 A shard is the unit of work and of bookkeeping: one image file, one WebDataset tar, one TFRecord file, one Parquet
 file. Listing goes through fsspec, so any store it knows works; work is split per shard, never per byte range.
+
+Nothing disappears silently: every object the listing sees is a shard or skipped for a named reason, and every
+entry a reader meets in a shard is a row (ok or error) or skipped for a named reason (:class:`Skip`); both are
+tallied (:class:`~pipeline.manifest.Tally`) into the run's manifest with the first few names. The reasons:
+
+- ``hidden``: a name (of the file or a folder above it) that begins with ``.``: ``.DS_Store``, ``._IMG_1.JPG``;
+- ``metadata``: a folder whose name begins with ``_`` (``_delta_log``, ``_temporary``), or a file so named that no
+  layout reads (``_SUCCESS``, ``_metadata``); never an image file for its first character (``_DSC0001.JPG``);
+- ``sidecar``: annotations and metadata kept next to images (``.json``, ``.txt``, ``.xmp``, ``.cls``...);
+- ``not an image``: a file or member that no layout recognises by its name, or whose bytes no decoder knows;
+- ``other layout``: a shard of another layout than the one ``input.format`` names.
 """
 
 from __future__ import annotations
@@ -9,16 +20,24 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import fsspec
 from fsspec.core import has_magic
 
+from pipeline.manifest import Tally
 from pipeline.sources import images, parquet, tfrecord, webdataset
 from pipeline.storage import ATTEMPTS, backoff, glob_root, is_transient, version_of, with_retries
 
 READERS = {"images": images, "webdataset": webdataset, "tfrecord": tfrecord, "parquet": parquet}
+SIDECAR_EXTENSIONS = (
+    *(".json", ".jsonl", ".txt", ".xml", ".xmp", ".csv", ".tsv", ".yaml", ".yml", ".md", ".html", ".htm", ".pdf"),
+    *(".cls", ".cls2", ".class", ".id", ".idx", ".index", ".caption", ".label", ".labels", ".tags", ".npy", ".npz"),
+    *(".pyd", ".pkl", ".pickle", ".mp", ".msgpack", ".cbor", ".ten", ".pth", ".pt", ".lst", ".log", ".md5", ".sha256"),
+    *(".aae", ".thm", ".lrv", ".dop", ".pp3", ".db", ".ini"),  # camera and photo-software sidecars
+)
+METADATA_FILES = ("_SUCCESS", "_metadata", "_common_metadata")
 
 
 class InputError(ValueError):
@@ -48,9 +67,10 @@ class ShardRead:
     shard: Shard
     only: frozenset[str] | None = None
 
-    def done(self, rows: int) -> dict[str, Any]:
+    def done(self, rows: int, tally: Tally | None = None) -> dict[str, Any]:
         """Its progress record once read to its end (plain data, kept as JSON)."""
-        return {**self.shard.to_dict(), "rows": rows, "partial": self.only is not None}
+        record = {**self.shard.to_dict(), "rows": rows, "partial": self.only is not None}
+        return record if tally is None else {**record, "tally": tally.to_json()}
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,22 @@ class ReadTask:
 
 
 @dataclass(frozen=True)
+class Skip:
+    """An entry of a shard that is not an image (a tar member ``0001.json``): counted by reason, not a row."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The shards to read, sorted, and the tally of every object the listing saw."""
+
+    shards: list[Shard]
+    tally: Tally
+
+
+@dataclass(frozen=True)
 class Record:
     """One image as read from its shard: bytes, or the reason they could not be read."""
 
@@ -99,49 +135,85 @@ def format_of(path: str) -> str | None:
     return next((format_name for format_name, reader in READERS.items() if reader.claims(name)), None)
 
 
-def _is_hidden(path: str, root: str) -> bool:
-    relative = path[len(root) :] if path.startswith(root) else path
-    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+def skip_reason(relative: str, format: str = "auto") -> str | None:
+    """Why a file at ``relative`` (its path below the input's root) is not a shard of ``format``, or None.
+
+    Under ``auto`` a file is a shard when a layout claims its name. With a format named, so is any file whose name
+    no layout claims and that is not a sidecar: TFRecords carry no fixed extension, and ``format: images`` reads
+    such files by their bytes.
+    """
+    *folders, name = relative.strip("/").split("/")
+    if any(part.startswith(".") for part in (*folders, name)):
+        return "hidden"
+    if any(folder.startswith("_") for folder in folders):
+        return "metadata"
+    claimed = format_of(name)
+    if claimed is not None:
+        return None if format in ("auto", claimed) else "other layout"
+    if name in METADATA_FILES or name.startswith("_"):
+        return "metadata"
+    if name.lower().endswith(SIDECAR_EXTENSIONS):
+        return "sidecar"
+    return "not an image" if format == "auto" else None
 
 
-def list_shards(url: str, format: str = "auto", storage_options: dict | None = None) -> list[Shard]:
-    """Every shard under a prefix (recursively) or matching a glob, sorted; hidden paths (``.``, ``_``) skipped."""
+def list_shards(url: str, format: str = "auto", storage_options: dict | None = None) -> Listing:
+    """Every shard under a prefix (recursively) or matching a glob, sorted, and a tally of what was skipped and why.
 
-    def listing() -> tuple[fsspec.AbstractFileSystem, str, dict]:
+    A URL that names one file with ``format`` set is that shard, whatever its name.
+    """
+
+    def listing() -> tuple[fsspec.AbstractFileSystem, str, dict, bool]:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         fs.invalidate_cache()  # a long-lived process lists a growing bucket: never answer from a stale listing
         if has_magic(root):
             infos = fs.glob(root, detail=True)
-            return fs, glob_root(root), infos
+            return fs, glob_root(root), infos, False
         if fs.isdir(root):
-            return fs, root, fs.find(root, detail=True)
+            return fs, root, fs.find(root, detail=True), False
         if fs.exists(root):
-            return fs, root, {root: fs.info(root)}
+            return fs, root.rsplit("/", 1)[0], {root: fs.info(root)}, True
         raise InputError(f"input.url: nothing found at {url}")
 
     try:
-        fs, root, infos = with_retries(listing)
+        fs, root, infos, one_file = with_retries(listing)
     except InputError:
         raise
     except Exception as error:
         raise InputError(f"input.url: cannot list {url}: {error}") from error
 
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    shards, formats = [], set()
+    shards, formats, tally = [], set(), Tally()
     for path, info in sorted(infos.items()):
-        if info.get("type") == "directory" or _is_hidden(path, root):
+        if info.get("type") == "directory":
             continue
-        detected = format_of(path)
-        if detected is None or (format != "auto" and detected != format):
+        relative = path[len(root) :] if path.startswith(root) else path
+        named = one_file and (format != "auto" or format_of(path) is not None)  # asked for by name: read it
+        reason = None if named else skip_reason(relative, format)
+        if reason is not None:
+            tally.skip(reason, relative.strip("/"))
             continue
-        formats.add(detected)
-        shards.append(Shard(_unstrip(fs, protocol, path), detected, info.get("size"), version_of(info)))
+        layout = format if format != "auto" else format_of(path)
+        formats.add(layout)
+        tally.keep()
+        shards.append(Shard(_unstrip(fs, protocol, path), layout, info.get("size"), version_of(info)))
     if not shards:
         wanted = "images or shards" if format == "auto" else f"{format} shards"
-        raise InputError(f"input.url: no {wanted} found at {url}")
+        raise InputError(f"input.url: no {wanted} found at {url}{_skipped(tally)}")
     if len(formats) > 1:
         raise InputError(f"input.url: {url} mixes layouts ({', '.join(sorted(formats))}); set input.format")
-    return shards
+    return Listing(shards, tally)
+
+
+def _skipped(tally: Tally) -> str:
+    """`` (skipped: 3 sidecar: a.json, b.json, ...)`` for an error message; empty when nothing was."""
+    if not tally.skipped:
+        return ""
+    parts = [
+        f"{e.count} {reason}: {', '.join(e.first)}{', ...' if e.count > len(e.first) else ''}"
+        for reason, e in sorted(tally.skipped.items())
+    ]
+    return f" (skipped {'; '.join(parts)})"
 
 
 def check_columns(shards: list[Shard], options: dict[str, Any]) -> None:
@@ -166,24 +238,44 @@ def _unstrip(fs, protocol: str, path: str) -> str:
 
 
 def read_shard(
-    shard: Shard, options: dict[str, Any], only: set[str] | None = None, attempts: int = ATTEMPTS
+    shard: Shard,
+    options: dict[str, Any],
+    only: set[str] | None = None,
+    attempts: int = ATTEMPTS,
+    tally: Tally | None = None,
 ) -> Iterator[Record]:
-    """The records of one shard (those whose ``image_id`` is in ``only``, when given).
+    """The records of one shard (those whose ``image_id`` is in ``only``, when given), each with an id unique in it.
 
     A transient storage error (503, reset connection, timeout) restarts the read after a backoff, skipping the
     records already delivered, so a flaky store costs time, never rows. A shard that still cannot be read yields
     one error record that names it and says why: ``<url>#unreadable`` (or the image's own id for an image file).
+
+    A key that repeats within the shard (two tar members of one name, two TFRecords of one ``image/filename``)
+    is given its position, ``<id>~<position>``: the same shard read again gives the same ids. ``tally`` counts the
+    records delivered, the entries skipped by reason (a read of only some ids counts just those) and the renames.
     """
     reader = READERS[shard.format]
+    tally = tally if tally is not None else Tally()
     fs, path = fsspec.core.url_to_fs(shard.url, **options.get("storage_options", {}))
     delivered = 0
+    ids: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
-            for index, record in enumerate(reader.read(fs, path, shard.url, options)):
-                if index >= delivered:
-                    delivered += 1
-                    if only is None or record.image_id in only:
-                        yield record
+            for index, item in enumerate(reader.read(fs, path, shard.url, options)):
+                if index < delivered:
+                    continue
+                delivered += 1
+                if isinstance(item, Skip):
+                    if only is None:
+                        tally.skip(item.reason, f"{shard.url}#{item.name}" if item.name else shard.url)
+                    continue
+                if item.image_id in ids:
+                    tally.renamed.add(item.image_id)
+                    item = replace(item, image_id=_unique(f"{item.image_id}~{index}", ids))
+                ids.add(item.image_id)
+                if only is None or item.image_id in only:
+                    tally.keep()
+                    yield item
             return
         except Exception as error:
             if is_transient(error) and attempt < attempts:
@@ -193,8 +285,16 @@ def read_shard(
             what = "file" if shard.format == "images" else "shard"
             retried = f" (after {attempt} attempts)" if attempt > 1 else ""
             reason = f"unreadable {what}: {type(error).__name__}: {error}{retried}"
+            tally.keep()
             yield Record(unreadable_id(shard), shard.url, None, reason)
             return
+
+
+def _unique(image_id: str, taken: set[str]) -> str:
+    """``image_id``, or if even that is taken (a key that itself ends in ``~<n>``), with more suffixes."""
+    while image_id in taken:
+        image_id += "~"
+    return image_id
 
 
 def unreadable_id(shard: Shard) -> str:
