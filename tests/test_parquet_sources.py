@@ -240,6 +240,23 @@ def test_a_large_row_group_is_fetched_in_chunks(images, tmp_path, monkeypatch):
     assert all(r.data == images["small.jpg"] + i.to_bytes(4, "big") for i, r in enumerate(records))
 
 
+def test_a_retry_of_some_ids_fetches_only_theirs(images, tmp_path, monkeypatch):
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+    output = str(tmp_path / "paths.parquet")
+    keys = ["a", "b", "a", "c", "d"]  # "a" repeats: its second row is delivered as a~2
+    column = pa.array([{"bytes": None, "path": name} for name in NAMES], IMAGE_TYPE)
+    pq.write_table(pa.table({"id": keys, "image": column}), output)
+    fetched: list[str] = []
+    cat = parquet._cat
+    monkeypatch.setattr(parquet, "_cat", lambda fs, paths: fetched.extend(paths) or cat(fs, paths))
+    only = {f"{output}#c", f"{output}#a~2"}
+    records = list(read_shard(Shard(output, "parquet"), {}, only=only))
+    assert {r.image_id: r.data for r in records} == {f"{output}#a~2": images[NAMES[2]], f"{output}#c": images[NAMES[3]]}
+    # The two rows keyed "a" may be either: both are fetched; "b" and "d" are not.
+    assert sorted(Path(p).name for p in fetched) == sorted([NAMES[0], NAMES[2], NAMES[3]])
+
+
 def test_transient_errors_are_retried_per_image(images, tmp_path, monkeypatch):
     for name, data in images.items():
         (tmp_path / name).write_bytes(data)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -256,12 +256,14 @@ def read_shard(
     """
     reader = READERS[shard.format]
     tally = tally if tally is not None else Tally()
+    # A reader may skip the costly part (fetching an image from its path) of records no id in ``only`` can be.
+    reader_options = options if only is None else {**options, "wanted": _could_be_one_of(only)}
     fs, path = fsspec.core.url_to_fs(shard.url, **options.get("storage_options", {}))
     delivered = 0
     ids: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
-            for index, item in enumerate(reader.read(fs, path, shard.url, options)):
+            for index, item in enumerate(reader.read(fs, path, shard.url, reader_options)):
                 if index < delivered:
                     continue
                 delivered += 1
@@ -288,6 +290,12 @@ def read_shard(
             tally.keep()
             yield Record(unreadable_id(shard), shard.url, None, reason)
             return
+
+
+def _could_be_one_of(ids: set[str]) -> Callable[[str], bool]:
+    """Whether a record read with this id may be delivered as one of ``ids`` (itself, or renamed ``<id>~...``)."""
+    stems = set(ids) | {image_id[:at] for image_id in ids for at, char in enumerate(image_id) if char == "~"}
+    return stems.__contains__
 
 
 def _unique(image_id: str, taken: set[str]) -> str:

@@ -240,6 +240,7 @@ def read(fs, path: str, url: str, options: dict) -> Iterator:
     from pipeline.sources import Record
 
     resolver = _Resolver(fs, path, url, options.get("storage_options") or {})
+    may_deliver = options.get("wanted") or (lambda image_id: True)  # a retry of some ids fetches only theirs
     with fs.open(path, "rb") as f:
         parquet_file = pq.ParquetFile(f)
         schema = parquet_file.schema_arrow
@@ -255,7 +256,8 @@ def read(fs, path: str, url: str, options: dict) -> Iterator:
                 if paths is None:
                     outcomes = [(None, "no image bytes (null)")] * len(chunk)
                 else:
-                    outcomes = _from_paths(resolver, [paths[i] if blobs[i] is None else None for i in chunk])
+                    needed = [paths[i] if blobs[i] is None and may_deliver(f"{url}#{keys[i]}") else None for i in chunk]
+                    outcomes = _from_paths(resolver, needed)
                 for i, (fetched, error) in zip(chunk, outcomes, strict=True):
                     if blobs[i] is not None:
                         yield Record(f"{url}#{keys[i]}", url, blobs[i], None)
