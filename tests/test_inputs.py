@@ -193,3 +193,59 @@ def test_tar_members_skipped_by_reason(jpeg, tmp_path):
         "not an image": [f"{shard.url}#0003.bin"],
     }
     assert_adds_up(tally)
+
+
+SMALL = ["model.depth=18", "model.weights=random", "model.top_k=1", "decode.image_size=32", "inference.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def run_and_check(input_url: str, output: str, storage_options: dict, overrides: list[str] = ()) -> tuple:
+    """Run the pipeline; check one row per record with unique ids, and that the manifest's counts add up."""
+    from pipeline.query import connect
+    from pipeline.runner import run
+    from pipeline.runs import OutputLocation
+    from pipeline.spec import parse_spec
+    from pipeline.tables import read_manifests
+
+    document = {"input": {"url": input_url, "storage_options": storage_options}, "output": output}
+    result = run(parse_spec(document, [*SMALL, *overrides]), progress=False)
+    (manifest,) = read_manifests(OutputLocation.open(output))
+    listed, read = manifest.input.listed, manifest.input.read
+    assert_adds_up(listed)
+    assert_adds_up(read)
+    assert listed.kept == manifest.plan.listed
+    assert read.kept == manifest.counts.rows == result.rows
+    with connect(output) as db:
+        ids = [row[0] for row in db.execute("SELECT image_id FROM latest").fetchall()]
+    assert len(ids) == len(set(ids)) == result.rows
+    return result, manifest, ids
+
+
+@pytest.mark.slow
+def test_runs_count_every_object_and_member(ray_cluster, jpeg, s3, tmp_path):
+    fs, bucket, options = s3
+    images = {"a": jpeg, "b": VARIANTS["gray.jpg"](photo(PHOTOS[0]))}
+    webdataset_shards(fs, f"{bucket}/wds", images)
+    fs.pipe_file(f"{bucket}/wds/.DS_Store", b"\x00")
+    fs.pipe_file(f"{bucket}/wds/_SUCCESS", b"")
+    fs.pipe_file(f"{bucket}/wds/README.md", b"# shards")
+    workers = {**options, "key": "testing", "secret": "testing"}  # Ray's workers began before the fixture's env
+    result, manifest, ids = run_and_check(f"s3://{bucket}/wds/", str(tmp_path / "out"), workers)
+    assert result.ok == 8
+    assert {reason: e.count for reason, e in manifest.input.listed.skipped.items()} == {
+        "hidden": 1,
+        "metadata": 1,
+        "sidecar": 1,
+    }
+    assert manifest.input.listed.seen == 5
+    assert {reason: e.count for reason, e in manifest.input.read.skipped.items()} == {"sidecar": 12}
+    assert manifest.input.read.renamed.count == 2
+    assert sum(image_id.endswith("#a.jpg~9") for image_id in ids) == 2  # both rows of the repeated key stay
