@@ -21,12 +21,16 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_tensorflow(verbose: bool = False) -> None:
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 SetOption = typer.Option([], "--set", help="Override a spec field: --set model.top_k=3 (repeatable).")
 AddressOption = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster; default: start a local one.")
+VerboseOption = typer.Option(
+    False, "--verbose", help="Ray Data's own progress and logs, and the model workers' full start-up output."
+)
 
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but newline and tab, DEL, C1
@@ -63,12 +67,14 @@ def _architecture(depth: int) -> str:
 INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
 
-def _run_job(spec, address: str | None, quiet: bool, full: bool = False, retry_failed: bool = False):
+def _run_job(
+    spec, address: str | None, quiet: bool, full: bool = False, retry_failed: bool = False, verbose: bool = False
+):
     from pipeline.runner import PreflightError, RunConflict, RunFailed, RunStopped, run
     from pipeline.sources import InputError
 
     try:
-        return run(spec, address=address, progress=not quiet, full=full, retry_failed=retry_failed)
+        return run(spec, address=address, progress=not quiet, full=full, retry_failed=retry_failed, verbose=verbose)
     except (InputError, PreflightError) as error:
         raise _fail(str(error)) from None
     except (RunFailed, RunConflict) as error:
@@ -135,13 +141,14 @@ def run_command(
     overrides: list[str] = SetOption,
     address: str | None = AddressOption,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    verbose: bool = VerboseOption,
     full: bool = typer.Option(False, "--full", help="Process every shard, even with incremental: true."),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Read again only the images whose newest committed row is an error."
     ),
 ) -> None:
     """Run a labeling job: read images, predict with ResNet on Ray, write Parquet."""
-    _quiet_tensorflow()
+    _quiet_tensorflow(verbose)
     from pipeline.spec import SpecError, load_spec
 
     if full and retry_failed:
@@ -150,7 +157,7 @@ def run_command(
         spec = load_spec(spec_path, overrides)
     except SpecError as error:
         raise _fail(str(error)) from None
-    _summary(_run_job(spec, address, quiet, full=full, retry_failed=retry_failed))
+    _summary(_run_job(spec, address, quiet, full=full, retry_failed=retry_failed, verbose=verbose))
 
 
 @app.command("retry-failed")
@@ -159,12 +166,13 @@ def retry_failed_command(
     overrides: list[str] = SetOption,
     address: str | None = AddressOption,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Read again the images that ended in error, with the spec of the output's newest run; new rows supersede.
 
     Credentials are not stored in manifests: they come from the environment, or give them with --set.
     """
-    _quiet_tensorflow()
+    _quiet_tensorflow(verbose)
     from pipeline.credentials import without_redacted
     from pipeline.runs import OutputLocation
     from pipeline.spec import SpecError, parse_spec
@@ -184,7 +192,7 @@ def retry_failed_command(
         spec = parse_spec(document, overrides)
     except SpecError as error:
         raise _fail(str(error)) from None
-    _summary(_run_job(spec, address, quiet, retry_failed=True))
+    _summary(_run_job(spec, address, quiet, retry_failed=True, verbose=verbose))
 
 
 FormatOption = typer.Option("table", "--format", help="table | csv | json | parquet (parquet needs --output).")
@@ -424,9 +432,10 @@ def demo(
     ),
     top_k: int = typer.Option(5, min=1, max=20, help="Labels shown per image."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    verbose: bool = VerboseOption,
 ) -> None:
     """The whole job on local sample photos: builds the samples, runs locally, prints the top labels."""
-    _quiet_tensorflow()
+    _quiet_tensorflow(verbose)
     from pipeline.samples import write_samples
     from pipeline.spec import SpecError, parse_spec
 
@@ -454,7 +463,7 @@ def demo(
                 f"{error}\n  - or let the demo download them: resnet-pipeline demo --download-weights\n"
                 "  - or run the demo with random weights: resnet-pipeline demo --set model.weights=random"
             ) from None
-    result = _run_job(spec, None, quiet)
+    result = _run_job(spec, None, quiet, verbose=verbose)
     if spec.model.weights == "random":
         _say("Random weights: the labels below are meaningless (a smoke test, not a result).", "yellow", to=errors)
     _print_top_labels(result, spec.output.url)

@@ -18,6 +18,9 @@ class StageTimer:
     it made the timer, just before the Ray plan starts) and ``span_seconds``. For the model that span is the time
     the pipeline was predicting, start-up excluded, and items / span its rate once running, however many batches
     ran side by side.
+
+    While the plan runs the driver polls ``progress()``: images done (errors included), read tasks finished and the
+    seconds since predictions began, for the progress line.
     """
 
     def __init__(self, since: float | None = None) -> None:
@@ -28,14 +31,32 @@ class StageTimer:
         self.last_end: dict[str, float] = {}
         self.actors: list[dict] = []
         self.stopping = False
+        self.reports: dict[str, int] = defaultdict(int)
+        self.images = 0
+        self.failed = 0
 
     def add(self, stage: str, seconds: float, items: int, span: tuple[float, float] | None = None) -> None:
         self.seconds[stage] += seconds
         self.items[stage] += items
+        self.reports[stage] += 1
         if span is not None:
             began, ended = span
             self.first_start[stage] = min(began, self.first_start.get(stage, began))
             self.last_end[stage] = max(ended, self.last_end.get(stage, ended))
+
+    def images_done(self, images: int, failed: int) -> None:
+        """A batch through the model: ``images`` rows, ``failed`` of them errors (read or decode)."""
+        self.images += images
+        self.failed += failed
+
+    def progress(self) -> dict[str, float]:
+        """Images done and failed, read tasks finished (each reports ``read`` once), and seconds from the first
+        batch's start to now (``predicting_s``) and to the last batch's end (``span_s``), once there was one."""
+        snapshot = {"images": self.images, "failed": self.failed, "read_tasks": self.reports["read"]}
+        if "predict" in self.first_start:
+            began = self.first_start["predict"]
+            snapshot.update(predicting_s=max(0.0, time.time() - began), span_s=self.last_end["predict"] - began)
+        return snapshot
 
     def request_stop(self) -> None:
         self.stopping = True

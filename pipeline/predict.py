@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from pipeline.progress import quiet_startup
 from pipeline.sink import TOP_K_TYPE, output_schema
 from pipeline.spec import InferenceSpec, ModelSpec
 
@@ -140,6 +141,18 @@ class Predictor:
         run_id: str,
         timer=None,
     ):
+        with quiet_startup(gpu=inference.gpus_per_actor > 0):  # TensorFlow's start-up chatter, unless verbose
+            self._start(model_spec, inference, image_size, embedding_dtype, run_id, timer)
+
+    def _start(
+        self,
+        model_spec: ModelSpec,
+        inference: InferenceSpec,
+        image_size: int,
+        embedding_dtype: str,
+        run_id: str,
+        timer,
+    ) -> None:
         started = time.perf_counter()
         configure_backend(inference.precision, inference.threads_per_actor, max(1, inference.batches_per_actor))
         from pipeline.model import Labels, create_model, imagenet_labels
@@ -202,7 +215,9 @@ class Predictor:
             ok_embeddings = np.zeros((0, dim), np.float32)
         elapsed = time.perf_counter() - started
         if self.timer is not None:
-            self.timer.add.remote("predict", elapsed, int(ok.sum()), (began, began + elapsed))
+            done = int(ok.sum())
+            self.timer.add.remote("predict", elapsed, done, (began, began + elapsed))
+            self.timer.images_done.remote(n, n - done)
         return self._table(batch, ok, ok_ids, ok_scores, ok_embeddings, n)
 
     def _table(self, batch, ok, ok_ids, ok_scores, ok_embeddings, n) -> pa.Table:
