@@ -108,11 +108,33 @@ def _root_cause(error: BaseException) -> str:
     return ours or last or f"{type(error).__name__}: {str(error).strip()[:300]}"
 
 
+def _skipped_lines(counts) -> list[str]:
+    """What the listing and the reads skipped, by reason with the first names, and the keys renamed."""
+
+    def named(examples) -> str:
+        more = ", ..." if examples.count > len(examples.first) else ""
+        return f"{examples.count} ({', '.join(examples.first)}{more})"
+
+    def reasons(tally) -> str:
+        return "; ".join(f"{reason} {named(examples)}" for reason, examples in sorted(tally.skipped.items()))
+
+    lines = []
+    if counts.listed.skipped:
+        lines.append(f"  not listed  {reasons(counts.listed)}")
+    if counts.read.skipped:
+        lines.append(f"  not read    {reasons(counts.read)}")
+    if counts.read.renamed.count:
+        lines.append(f"  renamed     keys repeated in a shard, suffixed ~<position>: {named(counts.read.renamed)}")
+    return lines
+
+
 def _summary(result) -> None:
     plan = result.plan
     shards = f"{plan.to_read} read, {plan.skipped_unchanged} unchanged, {plan.adopted} adopted"
     if result.version is None:
         _say(f"Nothing to do ({plan.mode} run over {plan.listed} shards: {shards}).")
+        for line in _skipped_lines(result.input):
+            _say(line)
         _say(f"  output      {result.output_url} (no run committed)")
         return
     stages = ", ".join(f"{name} {value['seconds']:.1f}s" for name, value in result.stage_seconds.items())
@@ -125,6 +147,7 @@ def _summary(result) -> None:
     adopted = f" (progress of crashed run {', '.join(plan.adopted_from)})" if plan.adopted_from else ""
     lines = [
         f"  shards      {plan.listed} listed: {shards}{adopted}",
+        *_skipped_lines(result.input),
         f"  images      {result.rows} ({result.ok} ok, {result.error} failed)",
         f"  throughput  {result.images_per_second:.1f} images/s over {result.wall_seconds:.1f} s{once_running}",
         f"  stages      {stages}",

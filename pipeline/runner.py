@@ -90,6 +90,7 @@ class RunResult:
     wall_seconds: float
     stage_seconds: dict[str, Any] = field(default_factory=dict)
     plan: PlanSummary = field(default_factory=PlanSummary)
+    input: InputCounts = field(default_factory=InputCounts)
 
     @property
     def images_per_second(self) -> float:
@@ -167,7 +168,11 @@ def _input_options(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def _init_ray(address: str | None) -> None:
+def _token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
@@ -182,6 +187,10 @@ def _init_ray(address: str | None) -> None:
         # beyond: 1.1 % of a core against 0.5 %, taken from the model on a 2-core machine (RESULTS.md, "Ray's log
         # monitor lists its folder every 0.5 s").
         os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notices.removeFilter(_token_notice)
+    if address is None and not verbose:  # our private cluster turns token authentication on, and says so each run
+        notices.addFilter(_token_notice)
     ray.init(
         # "local": a private cluster of our own. None would join any cluster `ray start` left on this machine (found
         # through the temp folder or RAY_TMPDIR): someone else's, maybe with a token we do not have.
@@ -225,7 +234,17 @@ def run(
         listed = time.perf_counter()
         if not plan.reads and not plan.adopted_shards:
             discard(location, run_id)
-            return RunResult(run_id, location.url(), None, 0, 0, 0, time.perf_counter() - started, plan=plan.summary())
+            return RunResult(
+                run_id,
+                location.url(),
+                None,
+                0,
+                0,
+                0,
+                time.perf_counter() - started,
+                plan=plan.summary(),
+                input=InputCounts(listing.tally),
+            )
         try:
             execution = _execute(spec, plan, location, run_id, progress, address, verbose)
             staged = StagedOutput.of([*plan.adopted_files, *execution.written])
@@ -293,6 +312,7 @@ def run(
         wall_seconds=time.perf_counter() - started,
         stage_seconds=stage_seconds,
         plan=plan.summary(),
+        input=manifest.input,
     )
 
 
@@ -320,7 +340,7 @@ def _execute(
     if not plan.reads:
         return Execution()
     started = time.perf_counter()
-    _init_ray(address)
+    _init_ray(address, verbose)
     check_resources(spec, *_cluster_shapes())
     import ray
     from ray.data import DataContext

@@ -35,7 +35,7 @@ class InputSpec(_Section):
     image_column: str | None = Field(None, description="Parquet: the column with image bytes (auto-detected).")
     id_column: str | None = Field(None, description="Parquet: a column with a key per image (optional).")
     compression: Literal["auto", "none", "gzip", "zlib"] = Field(
-        "auto", description="TFRecord: how the files are compressed; auto: from the name (.gz, .zz), else sniffed."
+        "auto", description="TFRecord: how the files are compressed; auto: sniffed, else from the name (.gz, .zz)."
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec.")
     files_per_task: int = Field(256, ge=1, description="Image trees: files read and decoded by one task.")

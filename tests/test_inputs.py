@@ -249,3 +249,56 @@ def test_runs_count_every_object_and_member(ray_cluster, jpeg, s3, tmp_path):
     assert {reason: e.count for reason, e in manifest.input.read.skipped.items()} == {"sidecar": 12}
     assert manifest.input.read.renamed.count == 2
     assert sum(image_id.endswith("#a.jpg~9") for image_id in ids) == 2  # both rows of the repeated key stay
+
+
+@pytest.mark.slow
+def test_runs_over_gzip_tfrecords_named_as_tfds_names_them(ray_cluster, tmp_path):
+    import tensorflow as tf
+
+    from tests.layouts import _tfrecord
+
+    pictures = [(f"{name}", VARIANTS[name](photo(PHOTOS[0]))) for name in ("photo.jpg", "gray.jpg", "small.jpg")]
+    folder = tmp_path / "tfds" / "my_dataset" / "1.0.0"
+    folder.mkdir(parents=True)
+    (folder / "raw.tfrecord").write_bytes(_tfrecord([*pictures, pictures[0]]))  # the first key twice
+    for index in range(2):
+        with tf.io.TFRecordWriter(str(folder / f"my_dataset-train.tfrecord-0000{index}-of-00002"), "GZIP") as writer:
+            for serialized in tf.data.TFRecordDataset(str(folder / "raw.tfrecord")):
+                writer.write(serialized.numpy())
+    (folder / "raw.tfrecord").unlink()
+    (folder / "dataset_info.json").write_text("{}")
+    (folder / "features.json").write_text("{}")
+    (folder / "label.labels.txt").write_text("a\n")
+
+    result, manifest, ids = run_and_check(str(tmp_path / "tfds"), str(tmp_path / "out"), {})
+    assert (result.ok, result.error) == (8, 0)
+    assert manifest.input.listed.skipped["sidecar"].count == 3
+    assert manifest.input.read.renamed.count == 2
+    assert sorted(image_id.rsplit("#", 1)[1] for image_id in ids)[:2] == ["gray.jpg", "gray.jpg"]
+    assert sum(image_id.endswith("#photo.jpg~3") for image_id in ids) == 2
+
+
+@pytest.mark.slow
+def test_runs_over_hugging_face_parquet_of_paths_on_s3(ray_cluster, jpeg, s3, tmp_path, monkeypatch):
+    fs, bucket, options = s3
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    local = tmp_path / "images"
+    local.mkdir()
+    names = ["a.jpg", "b.png", "c.jpg"]
+    for name in names:
+        (local / name).write_bytes(jpeg if name.endswith("jpg") else encoded("PNG"))
+    monkeypatch.chdir(tmp_path)  # datasets keeps the paths as given: relative to the Parquet file's folder here
+    table = datasets.Dataset.from_dict({"image": [f"images/{name}" for name in names]})
+    table = table.cast_column("image", datasets.Image())
+    table.to_parquet(str(tmp_path / "train.parquet"))
+    fs.put(str(local), f"{bucket}/hf/images", recursive=True)  # the paths are relative: the images go along
+    fs.put_file(str(tmp_path / "train.parquet"), f"{bucket}/hf/train.parquet")
+
+    workers = {**options, "key": "testing", "secret": "testing"}
+    result, manifest, _ = run_and_check(f"s3://{bucket}/hf/", str(tmp_path / "out"), workers, ["input.format=parquet"])
+    assert (result.ok, result.error) == (3, 0)
+    assert manifest.input.listed.skipped["other layout"].count == 3  # the images beside the Parquet file
