@@ -142,63 +142,52 @@ class Predictor:
         timer=None,
     ):
         with quiet_startup(gpu=inference.gpus_per_actor > 0):  # TensorFlow's start-up chatter, unless verbose
-            self._start(model_spec, inference, image_size, embedding_dtype, run_id, timer)
+            started = time.perf_counter()
+            configure_backend(inference.precision, inference.threads_per_actor, max(1, inference.batches_per_actor))
+            from pipeline.model import Labels, create_model, imagenet_labels
 
-    def _start(
-        self,
-        model_spec: ModelSpec,
-        inference: InferenceSpec,
-        image_size: int,
-        embedding_dtype: str,
-        run_id: str,
-        timer,
-    ) -> None:
-        started = time.perf_counter()
-        configure_backend(inference.precision, inference.threads_per_actor, max(1, inference.batches_per_actor))
-        from pipeline.model import Labels, create_model, imagenet_labels
-
-        labels = Labels.from_file(model_spec.labels, model_spec.storage_options) if model_spec.labels else None
-        classes = model_spec.classes or (len(labels) if labels else 1000)
-        model = create_model(
-            model_spec.architecture,
-            weights=model_spec.weights,
-            input_shape=(image_size, image_size, 3),
-            classes=classes,
-            with_embedding=True,
-            seed=model_spec.seed,
-            allow_download=model_spec.allow_download,
-            storage_options=model_spec.storage_options,
-        )
-        labels = (labels or imagenet_labels()).check(classes)
-        self.class_wnids = np.array([c.wnid for c in labels], dtype=object)
-        self.class_labels = np.array([c.label for c in labels], dtype=object)
-        self.model_name = model.name
-        self.fingerprint = model.weights_info.fingerprint
-        self.batch_size = inference.batch_size
-        self.top_k = min(model_spec.top_k, classes)
-        self.embedding_dtype = embedding_dtype
-        self.run_id = run_id
-        self.timer = timer
-        self.schema = output_schema()
-        self.embedding_dim = model.output["embedding"].shape[-1]
-
-        self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
-        self.startup_seconds = time.perf_counter() - started
-        if timer is not None:
-            import keras
-            import ray
-
-            timer.add.remote("model_startup", self.startup_seconds, 1)
-            timer.actor_started.remote(
-                {
-                    "node_id": ray.get_runtime_context().get_node_id(),
-                    "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
-                    "backend": keras.backend.backend(),
-                    "devices": backend_devices(),
-                    "startup_seconds": round(self.startup_seconds, 3),
-                    "batches_at_once": max(1, inference.batches_per_actor),
-                }
+            labels = Labels.from_file(model_spec.labels, model_spec.storage_options) if model_spec.labels else None
+            classes = model_spec.classes or (len(labels) if labels else 1000)
+            model = create_model(
+                model_spec.architecture,
+                weights=model_spec.weights,
+                input_shape=(image_size, image_size, 3),
+                classes=classes,
+                with_embedding=True,
+                seed=model_spec.seed,
+                allow_download=model_spec.allow_download,
+                storage_options=model_spec.storage_options,
             )
+            labels = (labels or imagenet_labels()).check(classes)
+            self.class_wnids = np.array([c.wnid for c in labels], dtype=object)
+            self.class_labels = np.array([c.label for c in labels], dtype=object)
+            self.model_name = model.name
+            self.fingerprint = model.weights_info.fingerprint
+            self.batch_size = inference.batch_size
+            self.top_k = min(model_spec.top_k, classes)
+            self.embedding_dtype = embedding_dtype
+            self.run_id = run_id
+            self.timer = timer
+            self.schema = output_schema()
+            self.embedding_dim = model.output["embedding"].shape[-1]
+
+            self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
+            self.startup_seconds = time.perf_counter() - started
+            if timer is not None:
+                import keras
+                import ray
+
+                timer.add.remote("model_startup", self.startup_seconds, 1)
+                timer.actor_started.remote(
+                    {
+                        "node_id": ray.get_runtime_context().get_node_id(),
+                        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+                        "backend": keras.backend.backend(),
+                        "devices": backend_devices(),
+                        "startup_seconds": round(self.startup_seconds, 3),
+                        "batches_at_once": max(1, inference.batches_per_actor),
+                    }
+                )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"
