@@ -108,22 +108,33 @@ def _on_white(band: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", band.size, (255, 255, 255, 255)), band).convert("RGB")
 
 
-def fit(image: Image.Image, preprocessing: Preprocessing = "crop", size: int = IMAGE_SIZE) -> np.ndarray:
-    """Resize (and for ``crop`` center-crop) to ``size`` x ``size``; returns uint8 HWC."""
+def crop_box(
+    width: int, height: int, preprocessing: Preprocessing = "crop", size: int = IMAGE_SIZE
+) -> tuple[float, float, float, float]:
+    """The region ``(left, top, right, bottom)`` of a ``width`` x ``height`` image that becomes the model's
+    ``size`` x ``size`` input: all of it for ``squash``; for ``crop`` what stays of it once its shorter side is
+    resized to ``size * 256 / 224`` and the center ``size`` square is cut out."""
     if preprocessing == "squash":
-        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        return 0.0, 0.0, float(width), float(height)
     if preprocessing != "crop":
         raise ValueError(f"preprocessing must be 'crop' or 'squash', got {preprocessing!r}")
     short_side = round(size * CROP_RESIZE / IMAGE_SIZE)
-    width, height = image.size
     scale = short_side / min(width, height)
     resized_w, resized_h = max(size, round(width * scale)), max(size, round(height * scale))
     left, top = (resized_w - size) // 2, (resized_h - size) // 2
-    # Resize only the source region the center crop keeps (the same pixels as resizing all, then cropping, without
-    # computing the border that is thrown away); reducing_gap shrinks large images in cheap integer steps first.
     x, y = width / resized_w, height / resized_h
-    box = (left * x, top * y, (left + size) * x, (top + size) * y)
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0), np.uint8)
+    return left * x, top * y, (left + size) * x, (top + size) * y
+
+
+def fit(image: Image.Image, preprocessing: Preprocessing = "crop", size: int = IMAGE_SIZE) -> np.ndarray:
+    """Resize the :func:`crop_box` of ``image`` to ``size`` x ``size``; returns uint8 HWC."""
+    box = crop_box(*image.size, preprocessing, size)
+    # Resizing only the box gives the same pixels as resizing all, then cropping, without computing the border that
+    # is thrown away; reducing_gap shrinks large images in cheap integer steps first.
+    resample = Image.Resampling.BILINEAR
+    if preprocessing == "squash":
+        return np.asarray(image.resize((size, size), resample), dtype=np.uint8)
+    return np.asarray(image.resize((size, size), resample, box=box, reducing_gap=3.0), np.uint8)
 
 
 def decode(

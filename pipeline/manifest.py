@@ -25,6 +25,7 @@ class ModelRecord:
     random_weights: bool = False
     seed: int | None = None
     precision: str = "float32"
+    decoded_on: str = "tasks"  # decode.on as resolved: CPU tasks, or the model actor (nvImageCodec)
     preprocessing: str = "crop"
     image_size: int = 224
     key: str | None = None

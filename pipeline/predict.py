@@ -10,8 +10,10 @@ releases the GIL.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
@@ -19,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.progress import quiet_startup
 from pipeline.sink import TOP_K_TYPE, output_schema
-from pipeline.spec import InferenceSpec, ModelSpec
+from pipeline.spec import DecodeSpec, InferenceSpec, ModelSpec
 
 
 def configure_backend(precision: str, threads: int = 0, concurrent_calls: int = 1) -> None:
@@ -57,6 +59,8 @@ def backend_devices() -> list[str]:
 class CompiledModel:
     """A model's forward pass compiled once for uint8 ``[batch_size, size, size, 3]`` input: 'caffe' preprocessing,
     top-k and the pooled embedding in one call. Any number of images is run in padded batches of that shape.
+    :meth:`from_canvas` takes images laid in a padded canvas instead (``decode.on: actor``) and resizes each from
+    its box inside the compiled call, compiled once per canvas size.
 
     Batch norms are folded into their convolutions first (same results, 1.2x faster in float32 and 1.7x in
     bfloat16 on CPU, see ``benchmarks/RESULTS.md``); ``fold=False`` compiles the model as built. It compiles with
@@ -69,9 +73,12 @@ class CompiledModel:
         import keras
         from keras import ops
 
-        from pipeline.model import caffe_preprocess, fold_batch_norms
+        from pipeline.model import caffe_preprocess, fold_batch_norms, resize_boxes
 
-        self.batch_size = batch_size
+        self.batch_size, self.image_size, self.jit_compile = batch_size, image_size, jit_compile
+        self.backend = keras.backend.backend()
+        if self.backend not in ("tensorflow", "jax"):
+            raise ValueError(f"the model stage runs on the 'tensorflow' or 'jax' Keras backend, not {self.backend!r}")
         if fold:
             model = fold_batch_norms(model)
 
@@ -79,56 +86,101 @@ class CompiledModel:
             scores, class_ids = ops.top_k(ops.cast(outputs["predictions"], "float32"), k=top_k)
             return class_ids, scores, ops.cast(outputs["embedding"], "float32")
 
-        backend = keras.backend.backend()
-        if backend == "tensorflow":
-            import tensorflow as tf
+        if self.backend == "tensorflow":
+            self._state = None
 
-            @tf.function(
-                jit_compile=jit_compile,
-                input_signature=[tf.TensorSpec([batch_size, image_size, image_size, 3], tf.uint8)],
-            )
-            def forward(images):
+            def predict(state, images):
                 return heads(model(caffe_preprocess(images), training=False))
 
-        elif backend == "jax":
-            import jax
-
+        else:
             # Weights are arguments, not constants folded into the compiled program (which would copy 100 MB of
             # ResNet-50 into it and slow compilation down).
-            trainable = [v.value for v in model.trainable_variables]
-            non_trainable = [v.value for v in model.non_trainable_variables]
+            variables = model.trainable_variables, model.non_trainable_variables
+            self._state = tuple([v.value for v in group] for group in variables)
 
-            @jax.jit
-            def stateless_forward(trainable, non_trainable, images):
-                outputs, _ = model.stateless_call(trainable, non_trainable, caffe_preprocess(images), training=False)
+            def predict(state, images):
+                outputs, _ = model.stateless_call(*state, caffe_preprocess(images), training=False)
                 return heads(outputs)
 
-            def forward(images):
-                return stateless_forward(trainable, non_trainable, images)
+        def from_canvas(state, canvas, boxes):
+            return predict(state, resize_boxes(canvas, boxes, image_size))
 
-        else:
-            raise ValueError(f"the model stage runs on the 'tensorflow' or 'jax' Keras backend, not {backend!r}")
-
-        self.forward = forward
-        if backend == "tensorflow" and not jit_compile:
-            forward.get_concrete_function()  # trace now; a warm-up batch would cost a batch of compute on a CPU
+        self._from_canvas_function = from_canvas
+        self._from_canvas: dict[int, Callable] = {}
+        self.forward = self._compile(predict, ([batch_size, image_size, image_size, 3], "uint8"))
+        if self.backend == "tensorflow" and not jit_compile:
+            self.forward.get_concrete_function()  # trace now; a warm-up batch would cost a batch of compute on a CPU
         else:
             self.forward(np.zeros([batch_size, image_size, image_size, 3], np.uint8))  # XLA compiles on first call
 
+    def _compile(self, function: Callable, *signature: tuple[list[int], str]) -> Callable:
+        """``function(state, *inputs)`` compiled, with the Keras backend in use, for inputs of these shapes and
+        dtypes; returns a function of the inputs alone."""
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            specs = [tf.TensorSpec(shape, dtype) for shape, dtype in signature]
+            return tf.function(
+                lambda *inputs: function(None, *inputs), jit_compile=self.jit_compile, input_signature=specs
+            )
+        import jax
+
+        jitted = jax.jit(function)
+        return lambda *inputs: jitted(self._state, *inputs)
+
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Class ids, scores (``[n, k]``) and embeddings (``[n, D]``) for any number of images."""
+        return self._batches(self.forward, pixels)
+
+    def from_canvas(self, canvas, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The same for images in a canvas ``[n, C, C, 3]`` (NumPy, or a GPU array taken through DLPack) with their
+        ``boxes`` ``[n, 6]`` (see :func:`pipeline.model.resize_boxes`)."""
+        side = canvas.shape[1]
+        if side not in self._from_canvas:
+            canvas_spec = [self.batch_size, side, side, 3], "uint8"
+            boxes_spec = [self.batch_size, 6], "float32"
+            self._from_canvas[side] = self._compile(self._from_canvas_function, canvas_spec, boxes_spec)
+        return self._batches(self._from_canvas[side], canvas, boxes)
+
+    def _batches(self, function: Callable, *inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``function`` over ``inputs`` (arrays with one row per image) in batches of ``batch_size``, the last one
+        padded with zeros: the same shapes every call, nothing traced again."""
         ids, scores, embeddings = [], [], []
-        for start in range(0, len(pixels), self.batch_size):
-            chunk = pixels[start : start + self.batch_size]
-            padded = chunk
-            if len(chunk) < self.batch_size:  # same shape every call: no retracing
-                padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.uint8)
-                padded[: len(chunk)] = chunk
-            class_ids, top_scores, embedding = (np.asarray(t)[: len(chunk)] for t in self.forward(padded))
+        n = len(inputs[0])
+        for start in range(0, n, self.batch_size):
+            count = min(self.batch_size, n - start)
+            chunks = [self._on_device(_padded(x[start : start + count], self.batch_size)) for x in inputs]
+            class_ids, top_scores, embedding = (np.asarray(t)[:count] for t in function(*chunks))
             ids.append(class_ids)
             scores.append(top_scores)
             embeddings.append(embedding)
         return np.concatenate(ids), np.concatenate(scores), np.concatenate(embeddings)
+
+    def _on_device(self, array):
+        """A NumPy array as it is; a GPU array (CuPy) as the backend's, through DLPack, without a copy."""
+        if isinstance(array, np.ndarray):
+            return array
+        if self.backend == "jax":
+            import jax
+
+            return jax.dlpack.from_dlpack(array)
+        import tensorflow as tf
+
+        return tf.experimental.dlpack.from_dlpack(array.toDlpack())
+
+
+def _module_of(array):
+    """NumPy for a NumPy array, CuPy for a CuPy one: the same calls, on the host or on the GPU."""
+    return np if isinstance(array, np.ndarray) else importlib.import_module(type(array).__module__.split(".")[0])
+
+
+def _padded(chunk, rows: int):
+    """``chunk`` with zero rows appended up to ``rows``, in the array library it came in (NumPy, or CuPy)."""
+    if len(chunk) == rows:
+        return chunk
+    padded = _module_of(chunk).zeros((rows, *chunk.shape[1:]), chunk.dtype)
+    padded[: len(chunk)] = chunk
+    return padded
 
 
 class Predictor:
@@ -140,9 +192,17 @@ class Predictor:
         embedding_dtype: str,
         run_id: str,
         timer=None,
+        decode: DecodeSpec | None = None,
     ):
+        """``decode``: decode here the image bytes read tasks ship (``decode.on: actor``); None: they ship pixels."""
         with quiet_startup(gpu=inference.gpus_per_actor > 0):  # TensorFlow's start-up chatter, unless verbose
             started = time.perf_counter()
+            self.decoder = None
+            if decode is not None:
+                from pipeline.actor_decode import ActorDecoder
+
+                gpu = inference.gpus_per_actor > 0
+                self.decoder = ActorDecoder(decode.preprocessing, image_size, decode.max_pixels, gpu)
             configure_backend(inference.precision, inference.threads_per_actor, max(1, inference.batches_per_actor))
             from pipeline.model import Labels, create_model, imagenet_labels
 
@@ -192,9 +252,14 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["status"] == "ok"
         n = len(ok)
+        if self.decoder is not None:
+            batch, inputs = self._decode(batch, ok)
+            ok = batch["status"] == "ok"
         began = time.time()
         started = time.perf_counter()
-        if ok.any():
+        if ok.any() and self.decoder is not None:
+            ok_ids, ok_scores, ok_embeddings = self.compiled.from_canvas(*inputs)
+        elif ok.any():
             pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy in the common case
             ok_ids, ok_scores, ok_embeddings = self.compiled(pixels)
         else:
@@ -208,6 +273,26 @@ class Predictor:
             self.timer.add.remote("predict", elapsed, done, (began, began + elapsed))
             self.timer.images_done.remote(n, n - done)
         return self._table(batch, ok, ok_ids, ok_scores, ok_embeddings, n)
+
+    def _decode(self, batch: dict[str, np.ndarray], readable: np.ndarray) -> tuple[dict[str, np.ndarray], tuple]:
+        """The batch with the decoding's statuses, errors and sizes, and the canvas and boxes of its decoded images."""
+        started = time.perf_counter()
+        indices = np.flatnonzero(readable)
+        decoded = self.decoder([batch["data"][i] for i in indices])
+        status, error = batch["status"].copy(), batch["error"].copy()
+        width, height = batch["width"].copy(), batch["height"].copy()
+        for i, reason in zip(indices, decoded.errors, strict=True):
+            if reason is not None:
+                status[i], error[i] = "error", reason
+        width[indices], height[indices] = decoded.width, decoded.height
+        good = np.array([reason is None for reason in decoded.errors], bool)
+        inputs = (decoded.canvas, decoded.boxes)
+        if not good.all():
+            on_canvas = good if isinstance(decoded.canvas, np.ndarray) else _module_of(decoded.canvas).asarray(good)
+            inputs = (decoded.canvas[on_canvas], decoded.boxes[good])
+        if self.timer is not None:
+            self.timer.add.remote("actor_decode", time.perf_counter() - started, len(indices))
+        return {**batch, "status": status, "error": error, "width": width, "height": height}, inputs
 
     def _table(self, batch, ok, ok_ids, ok_scores, ok_embeddings, n) -> pa.Table:
         k, dim = self.top_k, ok_embeddings.shape[1]

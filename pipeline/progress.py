@@ -33,7 +33,13 @@ CHATTER = (
     "Unable to register cuBLAS factory",
     "computation placer already registered",
 )
-NO_GPU_CHATTER = ("failed call to cuInit",)  # an actor that asked for no GPU finds none
+NO_GPU_CHATTER = (  # an actor that asked for no GPU finds none, nor the GPU libraries nvImageCodec would load
+    "failed call to cuInit",
+    "Failed to load nvjpeg library",
+    "Failed to load nvjpeg2k library",
+    "Failed to load nvtiff library",
+    "Note: If using nvImageCodec's Python distribution",
+)
 
 
 def is_chatter(line: str, gpu: bool) -> bool:
@@ -80,7 +86,9 @@ def actor_env(verbose: bool) -> dict[str, str]:
     """Environment variables for the model actors."""
     if verbose:
         return {VERBOSE_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "0"}
-    return {VERBOSE_ENV: "0", "TF_CPP_MIN_LOG_LEVEL": "1"}  # 1: TensorFlow's INFO lines go, warnings stay
+    # TF_CPP_MIN_LOG_LEVEL 1: TensorFlow's INFO lines go, warnings stay. nvImageCodec (decode.on: actor) logs every
+    # image it cannot decode, which the CPU path then decodes or makes an error row with its reason: not twice.
+    return {VERBOSE_ENV: "0", "TF_CPP_MIN_LOG_LEVEL": "1", "PYNVIMGCODEC_VERBOSITY": "0"}
 
 
 class _QuietConsole(logging.Filter):

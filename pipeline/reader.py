@@ -26,9 +26,10 @@ def read_and_decode(
     rows_per_batch: int = 64,
     timer=None,
     progress: dict | None = None,
+    ship_bytes: bool = False,
 ):
     """Ray Data stage: :class:`ReadTask` s in (``batch["task"]``), batches of decoded rows out (uint8 pixels, or an
-    error reason).
+    error reason); with ``ship_bytes``, the images' bytes undecoded (``data``), for the model actor to decode.
 
     Every record becomes exactly one row. Error rows carry zero pixels so every batch has one tensor shape; "no
     error" is "" and an unknown size is -1 (the predictor turns both into nulls). A task that begins after the
@@ -43,10 +44,13 @@ def read_and_decode(
 
     def flush():
         nonlocal rows
-        pixels = np.zeros((len(rows), image_size, image_size, 3), np.uint8)
-        for i, row in enumerate(rows):
-            if row[5] is not None:
-                pixels[i] = row[5]
+        if ship_bytes:
+            images = {"data": np.array([row[5] or b"" for row in rows], dtype=object)}
+        else:
+            images = {"pixels": np.zeros((len(rows), image_size, image_size, 3), np.uint8)}
+            for i, row in enumerate(rows):
+                if row[5] is not None:
+                    images["pixels"][i] = row[5]
         out = {
             "image_id": np.array([r[0] for r in rows], dtype=object),
             "source": np.array([r[1] for r in rows], dtype=object),
@@ -54,7 +58,7 @@ def read_and_decode(
             "error": np.array([r[2] or "" for r in rows], dtype=object),  # "" not None: no all-null column
             "width": np.array([r[3] for r in rows], dtype=np.int32),
             "height": np.array([r[4] for r in rows], dtype=np.int32),
-            "pixels": pixels,
+            **images,
         }
         rows = []
         return out
@@ -78,6 +82,8 @@ def read_and_decode(
                 started = time.perf_counter()
                 if record.error is not None:
                     rows.append((record.image_id, record.source, record.error, -1, -1, None))
+                elif ship_bytes:  # decoded by the model actor (decode.on: actor)
+                    rows.append((record.image_id, record.source, None, -1, -1, record.data))
                 else:
                     try:
                         pixels, width, height = decode(record.data, preprocessing, max_pixels, image_size)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.actor_decode import nvimgcodec_installed
 from pipeline.incremental import Plan, adopt, plan_retry, plan_run, work_key
 from pipeline.manifest import Counts, InputCounts, Manifest, ModelRecord, PlanSummary, Tally
 from pipeline.runs import (
@@ -130,6 +131,11 @@ def preflight(spec: JobSpec) -> Listing:
             f"inference.backend: {spec.inference.backend!r} needs the {spec.inference.backend} package, which is not "
             "installed here (the cluster's image needs it too)"
         )
+    if spec.decode.on == "actor" and not nvimgcodec_installed():
+        raise PreflightError(
+            "decode.on: 'actor' decodes with NVIDIA nvImageCodec, which is not installed here (the cluster's image "
+            "needs it too): pip install 'resnet-pipeline[gpu]', or nvidia-nvimgcodec-cu12 (cu13 on CUDA 13)"
+        )
     model = spec.model
     try:
         if model.weights == "imagenet":
@@ -166,6 +172,15 @@ def _input_options(spec: JobSpec) -> dict[str, Any]:
         "id_column": spec.input.id_column,
         "compression": spec.input.compression,
     }
+
+
+def decode_on(spec: JobSpec) -> str:
+    """Where images are decoded: ``decode.on``, with ``auto`` resolved. ``auto`` means the model actor where it has a
+    GPU and nvImageCodec is installed (on the driver, as in the cluster's image), CPU tasks otherwise; it is not
+    the default until a GPU measurement shows the actor faster (``benchmarks/gpu_decode.py``)."""
+    if spec.decode.on != "auto":
+        return spec.decode.on
+    return "actor" if spec.inference.gpus_per_actor > 0 and nvimgcodec_installed() else "tasks"
 
 
 def _token_notice(record: logging.LogRecord) -> bool:
@@ -575,6 +590,8 @@ def _plan(spec: JobSpec, tasks: list[ReadTask], location: OutputLocation, run_id
     from pipeline.progress import actor_env
     from pipeline.reader import read_and_decode
 
+    on_actor = decode_on(spec) == "actor"
+
     return (
         ray.data.from_items([{"task": task.to_record()} for task in tasks], override_num_blocks=len(tasks))
         .map_batches(
@@ -589,6 +606,7 @@ def _plan(spec: JobSpec, tasks: list[ReadTask], location: OutputLocation, run_id
                 "rows_per_batch": max(DECODED_ROWS_PER_BLOCK, spec.inference.batch_size),
                 "timer": timer,
                 "progress": location.progress(run_id),
+                "ship_bytes": on_actor,
             },
         )
         .map_batches(
@@ -614,6 +632,7 @@ def _plan(spec: JobSpec, tasks: list[ReadTask], location: OutputLocation, run_id
                 "embedding_dtype": spec.output.embedding_dtype,
                 "run_id": run_id,
                 "timer": timer,
+                "decode": spec.decode if on_actor else None,
             },
         )
     )
@@ -631,6 +650,7 @@ def _model_record(
         random_weights=weights == "random",
         seed=spec.model.seed if weights == "random" else None,
         precision=spec.inference.precision,
+        decoded_on=decode_on(spec),
         preprocessing=spec.decode.preprocessing,
         image_size=spec.decode.image_size,
         key=key,

@@ -75,6 +75,12 @@ class DecodeSpec(_Section):
     image_size: int = Field(224, ge=32, le=1024)
     max_pixels: int = Field(89_478_485, ge=1, description="Larger images become error rows (decompression bombs).")
     cpus_per_task: float = Field(1, gt=0, description="CPUs Ray reserves per read+decode task.")
+    on: Literal["tasks", "actor", "auto"] = Field(
+        "tasks",
+        description="Where images are decoded: 'tasks' (CPU tasks ship pixels), 'actor' (tasks ship bytes, the model "
+        "actor decodes with NVIDIA nvImageCodec, on its GPU if it has one), 'auto' (actor on GPU actors with "
+        "nvImageCodec installed, else tasks).",
+    )
 
 
 class ActorPoolSpec(_Section):

@@ -14,7 +14,7 @@ _EXPORTS = {
     "pipeline.model.factory": ("create_model", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"),
     "pipeline.model.fold": ("fold_batch_norms",),
     "pipeline.model.labels": ("ClassLabel", "LabelError", "Labels", "imagenet_labels"),
-    "pipeline.model.preprocess": ("caffe_preprocess",),
+    "pipeline.model.preprocess": ("caffe_preprocess", "resize_boxes"),
     "pipeline.model.resnet": ("ARCHITECTURES", "build_resnet", "embedding_dim"),
     "pipeline.model.weights": ("WeightsError", "WeightsInfo"),
 }
