@@ -8,6 +8,7 @@ is written out (:mod:`pipeline.credentials`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,6 +136,24 @@ class JobSpec(_Section):
         return redact(self.model_dump(mode="json"))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans, ``true`` and ``false`` only. PyYAML reads YAML 1.1, where ``on``, ``off``,
+    ``yes`` and ``no`` are booleans too: ``decode: {on: actor}`` would be the key True."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+
+
 def apply_override(document: dict[str, Any], assignment: str) -> None:
     """``a.b.c=value`` sets ``document["a"]["b"]["c"]``; the value is read as YAML (numbers, booleans, lists)."""
     path, sep, raw = assignment.partition("=")
@@ -148,7 +167,7 @@ def apply_override(document: dict[str, Any], assignment: str) -> None:
             raise SpecError(f"--set {path}: {'.'.join(keys[: i + 1])} is not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         node[keys[-1]] = raw
 
@@ -180,7 +199,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read a YAML spec file and apply ``--set`` overrides."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}") from None
     except yaml.YAMLError as error:

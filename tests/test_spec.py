@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.model.resnet import embedding_dim
-from pipeline.spec import DEPTHS, JobSpec, SpecError, load_spec, parse_spec
+from pipeline.spec import DEPTHS, JobSpec, SpecError, load_spec, parse_spec, read_yaml
 
 MINIMAL = {"input": "s3://bucket/images/", "output": "s3://bucket/labels/"}
 
@@ -128,11 +128,22 @@ def test_embedding_dim_known_without_building_the_model(depth):
     assert parse_spec(MINIMAL, [f"model.depth={depth}"]).model.embedding_dim == embedding_dim(DEPTHS[depth])
 
 
+def test_decode_on_is_a_key_not_a_boolean(tmp_path):
+    """YAML 1.1 reads ``on``, ``off``, ``yes``, ``no`` as booleans; a spec is read with YAML 1.2's true/false only."""
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in\noutput: out\ndecode:\n  on: actor\nmodel:\n  allow_download: true\n")
+    spec = load_spec(path)
+    assert spec.decode.on == "actor" and spec.model.allow_download is True
+    assert parse_spec(MINIMAL, ["decode.on=auto"]).decode.on == "auto"
+    with pytest.raises(SpecError, match=r"model\.allow_download: Input should be a valid boolean"):
+        parse_spec(MINIMAL, ["model.allow_download=yes"])  # a string, refused by name, not silently True
+
+
 def test_the_example_spec_lists_every_field_with_its_default():
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "jobs" / "example.yaml"
-    document = yaml.safe_load(path.read_text())
+    document = read_yaml(path.read_text())
     spec = load_spec(path)
     defaults = parse_spec({"input": spec.input.url, "output": spec.output.url})
     assert spec == defaults  # every value shown is the default, apart from the URLs
