@@ -144,16 +144,17 @@ class CompiledModel:
 
     def _batches(self, function: Callable, *inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``function`` over ``inputs`` (arrays with one row per image) in batches of ``batch_size``, the last one
-        padded with zeros: the same shapes every call, nothing traced again."""
-        ids, scores, embeddings = [], [], []
+        padded with zeros: the same shapes every call, nothing traced again. Every batch is started before any
+        result is read back: where the backend dispatches asynchronously (JAX; TensorFlow on a GPU), the copy to
+        the device, the compute and the copy back of successive batches overlap."""
         n = len(inputs[0])
+        started = []
         for start in range(0, n, self.batch_size):
             count = min(self.batch_size, n - start)
             chunks = [self._on_device(_padded(x[start : start + count], self.batch_size)) for x in inputs]
-            class_ids, top_scores, embedding = (np.asarray(t)[:count] for t in function(*chunks))
-            ids.append(class_ids)
-            scores.append(top_scores)
-            embeddings.append(embedding)
+            started.append((count, function(*chunks)))
+        results = [[np.asarray(t)[:count] for t in outputs] for count, outputs in started]
+        ids, scores, embeddings = zip(*results, strict=True)
         return np.concatenate(ids), np.concatenate(scores), np.concatenate(embeddings)
 
     def _on_device(self, array):
