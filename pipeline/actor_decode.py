@@ -16,6 +16,7 @@ canvas with a box that resizes nothing.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,20 +55,28 @@ class ActorDecoder:
 
         self.preprocessing, self.size, self.max_pixels, self.gpu = preprocessing, image_size, max_pixels, gpu
         self.nvimgcodec = nvimgcodec
-        if gpu:
-            self.decoder = nvimgcodec.Decoder()  # hardware engines, CUDA, then CPU: nvImageCodec's default order
-        else:
-            self.decoder = nvimgcodec.Decoder(
-                device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)]
-            )
         self.params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB)
+        self._local = threading.local()  # a decoder per thread: an actor may run several batches at once
+        self._decoder()  # made now, during the actor's start-up
 
-    def _takes(self, data: bytes) -> bool:
-        """Whether nvImageCodec decodes ``data``: an 8-bit gray or YCbCr JPEG within the pixel limit and the largest
-        canvas (its header read, no pixels)."""
+    def _decoder(self):
+        decoder = getattr(self._local, "decoder", None)
+        if decoder is None:
+            nvimgcodec = self.nvimgcodec
+            if self.gpu:
+                decoder = nvimgcodec.Decoder()  # hardware engines, CUDA, then CPU: nvImageCodec's default order
+            else:
+                cpu = [nvimgcodec.Backend(nvimgcodec.CPU_ONLY)]
+                decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=cpu)
+            self._local.decoder = decoder
+        return decoder
+
+    def _parsed(self, data: bytes):
+        """nvImageCodec's parse of ``data`` (its header, no pixels) if it is to decode it: an 8-bit gray or YCbCr
+        JPEG within the pixel limit and the largest canvas; else None."""
         try:
             stream = self.nvimgcodec.CodeStream(data)
-            return (
+            takes = (
                 stream.codec_name == "jpeg"
                 and stream.precision == 8
                 and stream.num_channels in (1, 3)
@@ -75,7 +84,8 @@ class ActorDecoder:
                 and max(stream.width, stream.height) <= CANVAS_SIDES[-1]
             )
         except Exception:  # not a header nvImageCodec can read: the CPU path says what is wrong with it
-            return False
+            return None
+        return stream if takes else None
 
     def __call__(self, blobs: list[bytes]) -> DecodedBatch:
         n = len(blobs)
@@ -83,8 +93,9 @@ class ActorDecoder:
         errors: list[str | None] = [None] * n
         images: dict[int, Any] = {}  # decoded whole, by nvImageCodec
         fitted: dict[int, np.ndarray] = {}  # decoded and resized by the CPU path
-        on_gpu = [i for i, data in enumerate(blobs) if self._takes(data)]
-        decoded = self.decoder.decode([blobs[i] for i in on_gpu], params=self.params) if on_gpu else []
+        streams = {i: stream for i, data in enumerate(blobs) if (stream := self._parsed(data)) is not None}
+        on_gpu = list(streams)
+        decoded = self._decoder().decode([streams[i] for i in on_gpu], params=self.params) if on_gpu else []
         for i, image in zip(on_gpu, decoded, strict=True):
             if image is not None:
                 images[i] = image

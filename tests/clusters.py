@@ -64,22 +64,99 @@ def ray_head(env: dict[str, str], *options: str, temp_dir: Path | None = None) -
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class StartedNode:
+    temp_dir: Path
+    ports: dict[str, int]
+    resources: dict[str, float]
+
+
+NODE_PORTS = ("node_manager", "object_manager", "metrics", "agent", "agent_grpc", "runtime_env")
+
+
+@contextlib.contextmanager
+def ray_node(head: StartedHead, env: dict[str, str], cpus: int, name: str) -> Iterator[StartedNode]:
+    """A worker node of ``head`` (`ray start --address`) on this machine: ``cpus`` CPUs, a resource ``name`` that
+    tells it apart, every port and its temp folder its own (its processes are found by that folder)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+    ports = {port: _free_port() for port in NODE_PORTS}
+    first_worker = _free_port_range(64)
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        f"--address=127.0.0.1:{head.ports['port']}",
+        f"--num-cpus={cpus}",
+        f'--resources={{"{name}": 1}}',
+        f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+        f"--metrics-export-port={ports['metrics']}",
+        f"--dashboard-agent-listen-port={ports['agent']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--min-worker-port={first_worker}",
+        f"--max-worker-port={first_worker + 63}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    try:
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+        yield StartedNode(temp_dir, ports, {name: 1})
+    finally:
+        stop_processes((str(temp_dir), f"={ports['node_manager']}"))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def kill_node(node: StartedNode) -> int:
+    """Hard-kill a worker node as a preempted spot node dies: its raylet, agents and workers, SIGKILL, no goodbye.
+    Returns how many processes were killed."""
+    return stop_processes((str(node.temp_dir), f"={node.ports['node_manager']}"), grace=0)
+
+
+def _free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free now."""
+    import socket
+
+    while True:
+        first = _free_port()
+        if first + count > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    probe = stack.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+
+
 def stop_head(temp_dir: Path, gcs_port: int) -> None:
     """Stops this head's processes only (`ray stop` would stop every Ray on the machine)."""
+    stop_processes((str(temp_dir), f":{gcs_port}"))
+
+
+def stop_processes(marks: tuple[str, ...], grace: float = 5) -> int:
+    """Ends the processes with one of ``marks`` in their command line, and everything they started: asked to
+    (SIGTERM) for ``grace`` seconds, then killed; at once with ``grace`` 0."""
     import psutil
 
-    marks = (str(temp_dir), f":{gcs_port}")
-    ours = []
+    ours: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
         try:
             if any(mark in arg for arg in process.info["cmdline"] or () for mark in marks):
-                ours.append(process)
+                for found in (process, *process.children(recursive=True)):
+                    ours[found.pid] = found
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    for process in ours:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=5)
-    for process in alive:
+    processes = list(ours.values())
+    if grace:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        _, processes = psutil.wait_procs(processes, timeout=grace)
+    for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    psutil.wait_procs(processes, timeout=10)
+    return len(ours)

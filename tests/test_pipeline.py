@@ -316,10 +316,9 @@ def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
     )
     worker.start()
 
-    def predictor_processes():
-        return [
-            p for p in psutil.process_iter(["cmdline"]) if "MapBatches(Predictor)" in " ".join(p.info["cmdline"] or [])
-        ]
+    def predictor_processes():  # of the local cluster this test's run started: never another's on the machine
+        ours = psutil.Process().children(recursive=True)
+        return [p for p in ours if "MapBatches(Predictor)" in " ".join(_cmdline(p))]
 
     deadline = time.monotonic() + 120
     while not predictor_processes() and time.monotonic() < deadline:
@@ -338,6 +337,15 @@ def test_a_killed_predictor_is_replaced_and_nothing_is_lost(tmp_path):
     assert all(row["status"] == "ok" for row in rows)
     (manifest,) = read_manifests(OutputLocation.open(result.output_url))
     assert len(manifest.actors) == 2  # the killed one and its replacement
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 def _on_a_local_cluster(script: str, env: dict[str, str] | None = None) -> list[str]:
