@@ -359,6 +359,7 @@ def _execute(
     check_resources(spec, *_cluster_shapes())
     import ray
     from ray.data import DataContext
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.metrics import StageTimer
     from pipeline.progress import quiet_driver, show_progress
@@ -379,15 +380,23 @@ def _execute(
     context.enable_progress_bars = progress and verbose
     context.print_on_execution_start = verbose
     ray_started = time.perf_counter()
-    timer = StageTimer.remote(time.time())  # the actor starts later than this, maybe after the first task
+    # On the driver's node: the run survives the loss of any other node (a preempted spot node), and the timer with
+    # it. It starts later than this, maybe after the first task.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    timer = StageTimer.options(scheduling_strategy=here).remote(time.time())
     sink = RunSink(location, run_id, target_rows, output_schema())
     tasks = _read_tasks(plan.reads, spec.input.files_per_task)
     try:
         with _first_interrupt_stops(timer) as stopped, show_progress(timer, len(tasks), progress and not verbose):
             _plan(spec, tasks, location, run_id, timer, verbose).write_datasink(sink)
-        stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()])
+        try:
+            stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()], timeout=60)
+        except Exception as error:  # the rows are written: time per stage is not worth failing the run for
+            log.warning("time per stage is lost (%s: %s)", type(error).__name__, error)
+            stage_seconds, actors = {}, []
     finally:
-        ray.kill(timer)
+        with contextlib.suppress(Exception):
+            ray.kill(timer)
     stage_seconds["ray_init"] = {"seconds": round(ray_started - started, 3), "items": 0}
     stage_seconds["pipeline"] = {"seconds": round(time.perf_counter() - ray_started, 3), "items": 0}
     return Execution(stage_seconds, actors, sink.written, stopped.is_set())

@@ -75,7 +75,7 @@ NODE_PORTS = ("node_manager", "object_manager", "metrics", "agent", "agent_grpc"
 
 
 @contextlib.contextmanager
-def ray_node(head: StartedHead, env: dict[str, str], cpus: int, name: str) -> Iterator[StartedNode]:
+def ray_node(head: StartedHead, env: dict[str, str], cpus: int, name: str, *options: str) -> Iterator[StartedNode]:
     """A worker node of ``head`` (`ray start --address`) on this machine: ``cpus`` CPUs, a resource ``name`` that
     tells it apart, every port and its temp folder its own (its processes are found by that folder)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
@@ -97,6 +97,7 @@ def ray_node(head: StartedHead, env: dict[str, str], cpus: int, name: str) -> It
         f"--max-worker-port={first_worker + 63}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        *options,
     ]
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)

@@ -1,0 +1,102 @@
+"""Several Ray nodes on one machine, as a cluster of many runs: a head that runs only the driver and one-CPU worker
+nodes started with `ray start --address`, each with its own ports and temp folder. A worker node is killed as a
+spot node is preempted (SIGKILL to its raylet, agents and workers), a replacement joins, and the run itself must
+finish with exactly one committed row per input."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.clusters import clean_environment, kill_node, ray_head, ray_node
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "model": {"depth": 18, "weights": "random", "top_k": 1},
+    "decode": {"image_size": 32},
+    "inference": {"batch_size": 8, "actor_memory_gb": 0.5},
+}
+
+
+def write_images(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (48, 64, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=80)
+
+
+STATE = """
+import json, sys
+from ray.util.state import list_actors, list_nodes
+alive = [("state", "=", "ALIVE")]
+actors = list_actors(address=sys.argv[1], filters=alive, raise_on_missing_output=False)
+nodes = list_nodes(address=sys.argv[1], filters=alive, raise_on_missing_output=False)
+print(json.dumps({
+    "model": [a.node_id for a in actors if "Predictor" in a.class_name],
+    "nodes": {n.node_id: sorted(n.resources_total or {}) for n in nodes},
+}))
+"""
+
+
+def model_actor_node(dashboard: str, env: dict[str, str]) -> str | None:
+    """The name of the resource that marks the node running the model actor, once it runs; asked in a process of
+    its own, with the cluster's token (the state API's client caches the first token it finds)."""
+    done = subprocess.run([sys.executable, "-c", STATE, dashboard], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    state = json.loads(done.stdout)
+    for node_id in state["model"]:
+        return next((r for r in state["nodes"].get(node_id, []) if r.startswith("node_")), None)
+    return None
+
+
+def test_a_run_survives_the_loss_of_the_node_running_its_model(tmp_path):
+    from pipeline.query import connect
+    from pipeline.runs import OutputLocation
+    from pipeline.tables import read_manifests
+
+    count = 400
+    write_images(tmp_path / "in", count)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), **SMALL}))
+    # Token authentication, as production clusters run; HOME of its own: no ~/.ray of this machine's user.
+    env = clean_environment(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24), HOME=str(tmp_path))
+    with (
+        ray_head(env, "--num-cpus=0") as head,
+        ray_node(head, env, 1, "node_a") as node_a,
+        ray_node(head, env, 1, "node_b") as node_b,
+    ):
+        command = [sys.executable, "-m", "pipeline", "run", str(spec), "--address", f"127.0.0.1:{head.ports['port']}"]
+        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            victim = None
+            while victim is None and time.monotonic() < deadline and run.poll() is None:
+                time.sleep(1)
+                victim = {"node_a": node_a, "node_b": node_b}.get(model_actor_node(head.dashboard, env))
+            assert victim is not None, "the model actor never started on a worker node"
+            time.sleep(3)  # predicting by now
+            assert run.poll() is None, "the run ended before its node could be killed"
+            assert kill_node(victim) >= 2
+            with ray_node(head, env, 1, "node_c"):  # the replacement
+                output, _ = run.communicate(timeout=420)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    assert run.returncode == 0, output[-4000:]
+    with connect(str(tmp_path / "out")) as db:
+        rows = db.execute("SELECT image_id, status FROM predictions").fetchall()
+    assert len(rows) == count and len({image_id for image_id, _ in rows}) == count
+    assert {status for _, status in rows} == {"ok"}
+    assert len(read_manifests(OutputLocation.open(str(tmp_path / "out")))) == 1  # one run, committed once
