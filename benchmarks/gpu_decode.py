@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpu import _calls_per_second  # benchmarks/gpu.py: the same timing of the model alone
+
 HERE = Path(__file__).resolve()
 TARGET, DALI = 12_000, 19_000  # images/s once running: issue 21's target, and NVIDIA DALI's CI floor on an H100
 MAX_PIXELS = 89_478_485
@@ -266,15 +268,6 @@ def actor_path(
             "host_images_per_second": round(batch_size * _calls_per_second(host_call, seconds), 1),
         }
     return result
-
-
-def _calls_per_second(call, seconds: float) -> float:
-    for _ in range(2):
-        call()
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        done += call() or 1
-    return done / (time.perf_counter() - started)
 
 
 # --- (4) the pipeline ----------------------------------------------------------------------------------------------

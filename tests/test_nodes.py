@@ -99,4 +99,5 @@ def test_a_run_survives_the_loss_of_the_node_running_its_model(tmp_path):
         rows = db.execute("SELECT image_id, status FROM predictions").fetchall()
     assert len(rows) == count and len({image_id for image_id, _ in rows}) == count
     assert {status for _, status in rows} == {"ok"}
-    assert len(read_manifests(OutputLocation.open(str(tmp_path / "out")))) == 1  # one run, committed once
+    (manifest,) = read_manifests(OutputLocation.open(str(tmp_path / "out")))  # one run, committed once
+    assert len({actor["node_id"] for actor in manifest.actors}) == 2  # the lost node's actor, then its replacement

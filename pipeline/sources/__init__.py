@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -28,7 +29,7 @@ from fsspec.core import has_magic
 
 from pipeline.manifest import Tally
 from pipeline.sources import images, parquet, tfrecord, webdataset
-from pipeline.storage import ATTEMPTS, backoff, glob_root, is_transient, version_of, with_retries
+from pipeline.storage import ATTEMPTS, backoff, glob_root, is_local, is_transient, version_of, with_retries
 
 READERS = {"images": images, "webdataset": webdataset, "tfrecord": tfrecord, "parquet": parquet}
 SIDECAR_EXTENSIONS = (
@@ -157,6 +158,27 @@ def skip_reason(relative: str, format: str = "auto") -> str | None:
     return "not an image" if format == "auto" else None
 
 
+LISTING_THREADS = 32  # prefixes listed at once on a remote store
+
+
+def find_files(fs: fsspec.AbstractFileSystem, root: str, depth: int = 3) -> dict[str, dict]:
+    """Every file under ``root``, with its details. On a remote store the folders under it are listed side by side
+    (an object store lists one prefix 1,000 keys per request, one request after another): where there is a single
+    folder, the one below it, ``depth`` levels down at most. Local disks are walked as they are."""
+    if is_local(fs) or depth == 0:
+        return fs.find(root, detail=True)
+    entries = fs.ls(root, detail=True)
+    files = {entry["name"]: entry for entry in entries if entry["type"] != "directory"}
+    folders = [entry["name"] for entry in entries if entry["type"] == "directory" and entry["name"] != root]
+    if len(folders) == 1:
+        files.update(find_files(fs, folders[0], depth - 1))
+    elif folders:
+        with ThreadPoolExecutor(min(LISTING_THREADS, len(folders))) as pool:
+            for found in pool.map(lambda folder: fs.find(folder, detail=True), folders):
+                files.update(found)
+    return files
+
+
 def list_shards(url: str, format: str = "auto", storage_options: dict | None = None) -> Listing:
     """Every shard under a prefix (recursively) or matching a glob, sorted, and a tally of what was skipped and why.
 
@@ -170,7 +192,7 @@ def list_shards(url: str, format: str = "auto", storage_options: dict | None = N
             infos = fs.glob(root, detail=True)
             return fs, glob_root(root), infos, False
         if fs.isdir(root):
-            return fs, root, fs.find(root, detail=True), False
+            return fs, root, find_files(fs, root), False
         if fs.exists(root):
             return fs, root.rsplit("/", 1)[0], {root: fs.info(root)}, True
         raise InputError(f"input.url: nothing found at {url}")
