@@ -119,3 +119,16 @@ def test_parquet_columns_can_be_named(images, tmp_path):
     assert records[0].data == images["photo.jpg"] and records[1].error == "no image bytes (null)"
     missing = list(read_shard(shard, {}))
     assert len(missing) == 1 and "has no image column: set input.image_column" in missing[0].error
+
+
+def test_a_remote_prefix_is_listed_folder_by_folder_with_nothing_missed(s3):
+    from pipeline.sources import find_files
+
+    fs, bucket, _ = s3
+    names = ["top.jpg", "only/deeper/a.jpg", "only/deeper/b/c.jpg", "only/x.jpg"]
+    names += [f"many/{folder}/{index}.jpg" for folder in range(5) for index in range(3)]
+    fs.pipe({f"{bucket}/in/{name}": b"x" for name in names})
+    fs.invalidate_cache()
+    found = find_files(fs, f"{bucket}/in")
+    assert sorted(found) == sorted(f"{bucket}/in/{name}" for name in names) == sorted(fs.find(f"{bucket}/in"))
+    assert all(info["size"] == 1 for info in found.values())
