@@ -3,9 +3,10 @@ actor pool grows onto a node that joins. Too long to repeat in CI (`tests/test_n
 
     python benchmarks/nodes.py --tries 5 --json benchmarks/results-...-nodes.json
 
-(1) node loss, ``--tries`` times: a head that runs only the driver, two one-CPU worker nodes, 400 images; once the
-    model actor is up, its node is killed (SIGKILL to its raylet, agents and workers) and a replacement joins. Each
-    try reports the run's exit code, its wall time and whether the output holds exactly one row per input.
+(1) node loss, ``--tries`` times, as ``tests/test_nodes.py`` runs it once: a head that runs only the driver, two
+    one-CPU worker nodes, 800 images; once the model actor is predicting, its node is killed (SIGKILL to its raylet,
+    agents and workers) and a replacement joins. Each try reports the run's exit code, when the node was killed,
+    the wall time, the committed rows, distinct ids and ok rows, and the nodes the model actor ran on.
 (2) pool growth: one two-CPU node with memory for one model actor, ``actors: {min: 1, max: 2}``, ResNet-50 on tiny
     images (the model is the slow stage); a second node joins once the first actor works. Reports when the pool
     scaled up (from Ray Data's log) and on which nodes the actors ran.
@@ -29,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.clusters import clean_environment, kill_node, ray_head, ray_node  # noqa: E402
-from tests.test_nodes import SMALL, model_actor_node, write_images  # noqa: E402
+from tests.clusters import clean_environment, ray_head, ray_node  # noqa: E402
+from tests.test_nodes import SMALL, model_actor_node, node_loss_run, write_images  # noqa: E402
 
 
 def run_command(spec: Path, head) -> list[str]:
@@ -47,44 +48,6 @@ def committed(output: Path) -> tuple[int, int, list[dict]]:
         rows, ids = db.execute("SELECT count(*), count(DISTINCT image_id) FROM predictions").fetchone()
     actors = [actor for manifest in read_manifests(OutputLocation.open(str(output))) for actor in manifest.actors]
     return rows, ids, actors
-
-
-def node_loss(folder: Path, count: int = 400) -> dict:
-    write_images(folder / "in", count)
-    spec = folder / "job.yaml"
-    spec.write_text(yaml.safe_dump({"input": str(folder / "in"), "output": str(folder / "out"), **SMALL}))
-    env = clean_environment(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24), HOME=str(folder))
-    started = time.monotonic()
-    with (
-        ray_head(env, "--num-cpus=0") as head,
-        ray_node(head, env, 1, "node_a") as a,
-        ray_node(head, env, 1, "node_b") as b,
-    ):
-        run = subprocess.Popen(
-            run_command(spec, head), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        victim = None
-        while victim is None and run.poll() is None and time.monotonic() - started < 300:
-            time.sleep(1)
-            victim = {"node_a": a, "node_b": b}.get(model_actor_node(head.dashboard, env))
-        killed_at = None
-        if victim is not None and run.poll() is None:
-            time.sleep(3)
-            kill_node(victim)
-            killed_at = round(time.monotonic() - started, 1)
-            with ray_node(head, env, 1, "node_c"):
-                output, _ = run.communicate(timeout=600)
-        else:
-            output, _ = run.communicate(timeout=600)
-    rows, ids, _ = committed(folder / "out") if run.returncode == 0 else (0, 0, [])
-    return {
-        "exit_code": run.returncode,
-        "killed_at_s": killed_at,
-        "wall_s": round(time.monotonic() - started, 1),
-        "rows": rows,
-        "one_row_per_input": rows == ids == count,
-        "tail": output[-1500:] if run.returncode else None,
-    }
 
 
 def pool_growth(folder: Path, count: int = 2400) -> dict:
@@ -109,7 +72,7 @@ def pool_growth(folder: Path, count: int = 2400) -> dict:
         joined_at = round(time.monotonic() - started, 1)
         with ray_node(head, env, 2, "node_b"):
             output, _ = run.communicate(timeout=600)
-        logs = "".join(path.read_text() for path in head.temp_dir.glob("session_*/logs/ray-data/ray-data.log"))
+        logs = "".join(path.read_text() for path in head.temp_dir.glob("session_2*/logs/ray-data/ray-data.log"))
     scale_ups = re.findall(r"Scaling up MapWorker\(MapBatches\(Predictor\)\) actor pool by 1 \(reason=([^,]+)", logs)
     _, _, actors = committed(folder / "out") if run.returncode == 0 else (0, 0, [])
     return {
@@ -132,7 +95,7 @@ def main() -> None:
     for attempt in range(args.tries):
         folder = Path(tempfile.mkdtemp(prefix="nodes-"))
         try:
-            results["node_loss"].append(node_loss(folder))
+            results["node_loss"].append(node_loss_run(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         print(f"node loss, try {attempt + 1}: {json.dumps(results['node_loss'][-1])[:300]}", flush=True)
