@@ -16,41 +16,19 @@ import argparse
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.sources import find_files  # noqa: E402
+from tests.conftest import moto_server  # noqa: E402
 from tests.faults import FaultProxyProcess  # noqa: E402
 
 TARGET = 100_000_000
 ROOT_PREFIX = "listing/photos"
-
-
-def moto_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            return process, endpoint
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("moto_server did not start")
 
 
 def filesystem(endpoint: str):
@@ -83,14 +61,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    server, endpoint = moto_server()
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "objects": args.objects,
         "folders": args.folders,
         "runs": [],
     }
-    try:
+    with moto_server() as endpoint:
         fs = filesystem(endpoint)
         fs.mkdir("listing")
         per_folder = args.objects // args.folders
@@ -113,9 +90,6 @@ def main() -> None:
                 )
                 report["runs"].append(run)
                 print(json.dumps(run), flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -110,21 +110,14 @@ def _root_cause(error: BaseException) -> str:
 
 def _skipped_lines(counts) -> list[str]:
     """What the listing and the reads skipped, by reason with the first names, and the keys renamed."""
-
-    def named(examples) -> str:
-        more = ", ..." if examples.count > len(examples.first) else ""
-        return f"{examples.count} ({', '.join(examples.first)}{more})"
-
-    def reasons(tally) -> str:
-        return "; ".join(f"{reason} {named(examples)}" for reason, examples in sorted(tally.skipped.items()))
-
     lines = []
     if counts.listed.skipped:
-        lines.append(f"  not listed  {reasons(counts.listed)}")
+        lines.append(f"  not listed  {counts.listed.describe_skipped()}")
     if counts.read.skipped:
-        lines.append(f"  not read    {reasons(counts.read)}")
-    if counts.read.renamed.count:
-        lines.append(f"  renamed     keys repeated in a shard, suffixed ~<position>: {named(counts.read.renamed)}")
+        lines.append(f"  not read    {counts.read.describe_skipped()}")
+    renamed = counts.read.renamed
+    if renamed.count:
+        lines.append(f"  renamed     {renamed.count} keys repeated in a shard, suffixed ~<position>: {renamed.names()}")
     return lines
 
 

@@ -58,14 +58,18 @@ class Examples:
     count: int = 0
     first: list[str] = field(default_factory=list)
 
-    def add(self, name: str, count: int = 1) -> None:
-        self.count += count
+    def add(self, name: str) -> None:
+        self.count += 1
         if len(self.first) < EXAMPLES:
             self.first.append(name)
 
     def merge(self, other: Examples) -> None:
         self.count += other.count
         self.first.extend(other.first[: EXAMPLES - len(self.first)])
+
+    def names(self) -> str:
+        """``a.json, b.json, ...``: the first names, and whether there are more."""
+        return ", ".join(self.first) + (", ..." if self.count > len(self.first) else "")
 
 
 @dataclass
@@ -86,6 +90,10 @@ class Tally:
     def skip(self, reason: str, name: str) -> None:
         self.seen += 1
         self.skipped.setdefault(reason, Examples()).add(name)
+
+    def describe_skipped(self) -> str:
+        """``1 hidden: .DS_Store; 3 sidecar: a.json, b.json, ...``, for messages and summaries."""
+        return "; ".join(f"{e.count} {reason}: {e.names()}" for reason, e in sorted(self.skipped.items()))
 
     @property
     def skipped_count(self) -> int:

@@ -68,8 +68,16 @@ class CompiledModel:
     on JAX."""
 
     def __init__(
-        self, model, batch_size: int, image_size: int, top_k: int, jit_compile: bool = False, fold: bool = True
+        self,
+        model,
+        batch_size: int,
+        image_size: int,
+        top_k: int,
+        jit_compile: bool = False,
+        fold: bool = True,
+        warm_up: bool = True,
     ):
+        """``warm_up``: compile the pixel forward pass now, during start-up (not when images come in canvases)."""
         import keras
         from keras import ops
 
@@ -108,9 +116,9 @@ class CompiledModel:
         self._from_canvas_function = from_canvas
         self._from_canvas: dict[int, Callable] = {}
         self.forward = self._compile(predict, ([batch_size, image_size, image_size, 3], "uint8"))
-        if self.backend == "tensorflow" and not jit_compile:
+        if warm_up and self.backend == "tensorflow" and not jit_compile:
             self.forward.get_concrete_function()  # trace now; a warm-up batch would cost a batch of compute on a CPU
-        else:
+        elif warm_up:
             self.forward(np.zeros([batch_size, image_size, image_size, 3], np.uint8))  # XLA compiles on first call
 
     def _compile(self, function: Callable, *signature: tuple[list[int], str]) -> Callable:
@@ -232,7 +240,9 @@ class Predictor:
             self.schema = output_schema()
             self.embedding_dim = model.output["embedding"].shape[-1]
 
-            self.compiled = CompiledModel(model, self.batch_size, image_size, self.top_k, inference.jit_compile)
+            self.compiled = CompiledModel(
+                model, self.batch_size, image_size, self.top_k, inference.jit_compile, warm_up=decode is None
+            )
             self.startup_seconds = time.perf_counter() - started
             if timer is not None:
                 import keras

@@ -40,24 +40,20 @@ def ray_head(env: dict[str, str], *options: str, temp_dir: Path | None = None) -
     # Short: Ray's socket paths have a length limit.
     temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))
     ports = {name: _free_port() for name in PORTS}
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        f"--port={ports['port']}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={ports['dashboard']}",
-        f"--ray-client-server-port={ports['client']}",
-        f"--dashboard-agent-listen-port={ports['agent']}",
-        f"--metrics-export-port={ports['metrics']}",
-        f"--runtime-env-agent-port={ports['runtime_env']}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        *options,
-    ]
     try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stderr[-3000:]
+        _ray_start(
+            env,
+            temp_dir,
+            "--head",
+            f"--port={ports['port']}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports['dashboard']}",
+            f"--ray-client-server-port={ports['client']}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--metrics-export-port={ports['metrics']}",
+            f"--runtime-env-agent-port={ports['runtime_env']}",
+            *options,
+        )
         yield StartedHead(temp_dir, ports)
     finally:
         stop_head(temp_dir, ports["port"])
@@ -68,7 +64,11 @@ def ray_head(env: dict[str, str], *options: str, temp_dir: Path | None = None) -
 class StartedNode:
     temp_dir: Path
     ports: dict[str, int]
-    resources: dict[str, float]
+
+    @property
+    def marks(self) -> tuple[str, ...]:
+        """What the command lines of its processes, and only of its, hold."""
+        return str(self.temp_dir), f"={self.ports['node_manager']}"
 
 
 NODE_PORTS = ("node_manager", "object_manager", "metrics", "agent", "agent_grpc", "runtime_env")
@@ -81,37 +81,40 @@ def ray_node(head: StartedHead, env: dict[str, str], cpus: int, name: str, *opti
     temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
     ports = {port: _free_port() for port in NODE_PORTS}
     first_worker = _free_port_range(64)
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        f"--address=127.0.0.1:{head.ports['port']}",
-        f"--num-cpus={cpus}",
-        f'--resources={{"{name}": 1}}',
-        f"--node-manager-port={ports['node_manager']}",
-        f"--object-manager-port={ports['object_manager']}",
-        f"--metrics-export-port={ports['metrics']}",
-        f"--dashboard-agent-listen-port={ports['agent']}",
-        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-        f"--runtime-env-agent-port={ports['runtime_env']}",
-        f"--min-worker-port={first_worker}",
-        f"--max-worker-port={first_worker + 63}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        *options,
-    ]
+    node = StartedNode(temp_dir, ports)
     try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stderr[-3000:]
-        yield StartedNode(temp_dir, ports, {name: 1})
+        _ray_start(
+            env,
+            temp_dir,
+            f"--address=127.0.0.1:{head.ports['port']}",
+            f"--num-cpus={cpus}",
+            f'--resources={{"{name}": 1}}',
+            f"--node-manager-port={ports['node_manager']}",
+            f"--object-manager-port={ports['object_manager']}",
+            f"--metrics-export-port={ports['metrics']}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+            f"--runtime-env-agent-port={ports['runtime_env']}",
+            f"--min-worker-port={first_worker}",
+            f"--max-worker-port={first_worker + 63}",
+            *options,
+        )
+        yield node
     finally:
-        stop_processes((str(temp_dir), f"={ports['node_manager']}"))
+        stop_processes(node.marks)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def kill_node(node: StartedNode) -> int:
     """Hard-kill a worker node as a preempted spot node dies: its raylet, agents and workers, SIGKILL, no goodbye.
     Returns how many processes were killed."""
-    return stop_processes((str(node.temp_dir), f"={node.ports['node_manager']}"), grace=0)
+    return stop_processes(node.marks, grace=0)
+
+
+def _ray_start(env: dict[str, str], temp_dir: Path, *arguments: str) -> None:
+    command = [str(Path(sys.executable).parent / "ray"), "start", *arguments, f"--temp-dir={temp_dir}"]
+    started = subprocess.run([*command, "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-3000:]
 
 
 def _free_port_range(count: int) -> int:

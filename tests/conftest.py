@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -30,9 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """``moto_server`` in its own process; yields its endpoint URL."""
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """``moto_server`` in its own process, on a free port; yields its endpoint URL and stops it after."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -50,9 +51,17 @@ def s3_server() -> Iterator[str]:
                 process.kill()
                 raise RuntimeError("moto_server did not start") from None
             time.sleep(0.2)
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

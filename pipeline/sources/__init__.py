@@ -221,21 +221,11 @@ def list_shards(url: str, format: str = "auto", storage_options: dict | None = N
         shards.append(Shard(_unstrip(fs, protocol, path), layout, info.get("size"), version_of(info)))
     if not shards:
         wanted = "images or shards" if format == "auto" else f"{format} shards"
-        raise InputError(f"input.url: no {wanted} found at {url}{_skipped(tally)}")
+        skipped = f" (skipped {tally.describe_skipped()})" if tally.skipped else ""
+        raise InputError(f"input.url: no {wanted} found at {url}{skipped}")
     if len(formats) > 1:
         raise InputError(f"input.url: {url} mixes layouts ({', '.join(sorted(formats))}); set input.format")
     return Listing(shards, tally)
-
-
-def _skipped(tally: Tally) -> str:
-    """`` (skipped: 3 sidecar: a.json, b.json, ...)`` for an error message; empty when nothing was."""
-    if not tally.skipped:
-        return ""
-    parts = [
-        f"{e.count} {reason}: {', '.join(e.first)}{', ...' if e.count > len(e.first) else ''}"
-        for reason, e in sorted(tally.skipped.items())
-    ]
-    return f" (skipped {'; '.join(parts)})"
 
 
 def check_columns(shards: list[Shard], options: dict[str, Any]) -> None:
