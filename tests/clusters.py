@@ -39,7 +39,7 @@ def ray_head(env: dict[str, str], *options: str, temp_dir: Path | None = None) -
     """`ray start --head` with every port of its own, in ``temp_dir`` (a short new one by default); stopped after."""
     # Short: Ray's socket paths have a length limit.
     temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))
-    ports = {name: _free_port() for name in PORTS}
+    ports = _free_ports(PORTS)
     try:
         _ray_start(
             env,
@@ -79,8 +79,8 @@ def ray_node(head: StartedHead, env: dict[str, str], cpus: int, name: str, *opti
     """A worker node of ``head`` (`ray start --address`) on this machine: ``cpus`` CPUs, a resource ``name`` that
     tells it apart, every port and its temp folder its own (its processes are found by that folder)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
-    ports = {port: _free_port() for port in NODE_PORTS}
     first_worker = _free_port_range(64)
+    ports = _free_ports(NODE_PORTS, avoid=range(first_worker, first_worker + 64))
     node = StartedNode(temp_dir, ports)
     try:
         _ray_start(
@@ -115,6 +115,16 @@ def _ray_start(env: dict[str, str], temp_dir: Path, *arguments: str) -> None:
     command = [str(Path(sys.executable).parent / "ray"), "start", *arguments, f"--temp-dir={temp_dir}"]
     started = subprocess.run([*command, "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-3000:]
+
+
+def _free_ports(names: tuple[str, ...], avoid: range = range(0)) -> dict[str, int]:
+    """A free port for each name, all different and none in ``avoid`` (Ray refuses a node whose ports overlap)."""
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = _free_port()
+        if port not in avoid and port not in ports.values():
+            ports[names[len(ports)]] = port
+    return ports
 
 
 def _free_port_range(count: int) -> int:
