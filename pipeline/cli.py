@@ -369,19 +369,86 @@ def similar(
     output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
     image_id: str = typer.Argument(..., metavar="IMAGE_ID", help="The image to start from (its full id)."),
     k: int = typer.Option(10, "-k", min=1, help="How many images, the image itself first."),
+    exact: bool = typer.Option(False, "--exact", help="Exact search over every embedding, even with an index."),
+    nprobes: int | None = typer.Option(
+        None, "--nprobes", min=1, help="Index: IVF partitions searched (default 20; more: better recall, slower)."
+    ),
+    refine: int | None = typer.Option(
+        None, "--refine", min=0, help="Index: re-rank refine x k candidates exactly (default 10; 0: PQ estimates)."
+    ),
     output_format: str = FormatOption,
     output_file: Path | None = OutputFileOption,
     max_rows: int = MaxRowsOption,
 ) -> None:
-    """Nearest images by cosine similarity of their embeddings (exact search)."""
+    """Nearest images by cosine similarity of their embeddings: through the output's index when it has one
+    (`resnet-pipeline index`), else (or with --exact) exact search."""
+    import warnings
+
     from pipeline.query import QueryError, similar_query
+    from pipeline.vector_index import StaleIndexWarning
 
     with _connect(output) as db:
+        index = None if exact else _open_index(output)
         try:
-            nearest = similar_query(db, image_id, k)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", StaleIndexWarning)
+                nearest = similar_query(db, image_id, k, index, nprobes=nprobes, refine=refine)
         except QueryError as error:
             raise _fail(str(error)) from None
+        for warning in caught:
+            _say(f"warning: {warning.message}", "yellow", to=errors)
         _emit(db, nearest, output_format, output_file, max_rows)
+
+
+def _open_index(output: str):
+    """The output's similarity index, or None (none built, or pylance missing: then exact search, said once)."""
+    from pipeline.query import QueryError
+    from pipeline.vector_index import open_index
+
+    try:
+        return open_index(output)
+    except ModuleNotFoundError:
+        _say("warning: the output has an index but pylance is not installed (pip install 'resnet-pipeline[index]'): "
+             "exact search", "yellow", to=errors)  # fmt: skip
+        return None
+    except QueryError as error:
+        raise _fail(str(error)) from None
+
+
+@app.command("index")
+def index_command(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="An output location (path or URL)."),
+    partitions: int | None = typer.Option(
+        None, "--partitions", min=1, help="IVF partitions (default: about the square root of the rows)."
+    ),
+    sub_vectors: int | None = typer.Option(
+        None, "--sub-vectors", min=1, help="PQ sub-vectors, dividing the dimension (default: dimension / 16)."
+    ),
+) -> None:
+    """Build or rebuild the similarity index of an output (IVF-PQ, cosine) from its latest results, under
+    OUTPUT/_index/; `similar` then uses it. Rebuild after new runs: `similar` says when it is behind."""
+    from pipeline.credentials import redact_url
+    from pipeline.query import QueryError
+
+    try:
+        from pipeline.vector_index import build
+    except ModuleNotFoundError as error:
+        raise _fail(f"{error.name} is missing: pip install 'resnet-pipeline[index]'") from None
+    try:
+        record = build(output, num_partitions=partitions, num_sub_vectors=sub_vectors)
+    except QueryError as error:
+        raise _fail(str(error)) from None
+    except Exception as error:
+        raise _fail(f"cannot index {redact_url(output)}: {error}") from None
+    layout = (
+        f"{record.num_partitions} partitions x {record.num_sub_vectors} sub-vectors"
+        if record.num_partitions
+        else "no IVF-PQ: too few rows, searched exactly"
+    )
+    _say(
+        f"indexed {record.rows:,} embeddings of {record.dimension} values ({layout}) at predictions version "
+        f"{record.predictions_version}, in {record.build_seconds:.1f} s"
+    )
 
 
 @app.command()

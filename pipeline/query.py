@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -36,6 +36,9 @@ import pyarrow.dataset as ds
 from pipeline import tables
 from pipeline.runs import LATEST, PREDICTIONS, RUNS, SHARDS, OutputLocation
 from pipeline.storage import identifier, literal
+
+if TYPE_CHECKING:
+    from pipeline.vector_index import SimilarIndex
 
 VIEWS = (
     "CREATE VIEW predictions AS SELECT * FROM _predictions",
@@ -156,17 +159,36 @@ def _unknown_label(db: duckdb.DuckDBPyConnection, label: str) -> str:
     return f"no image in this output carries the label {label!r} (a class name or a WordNet id like n01440764){hint}"
 
 
-def similar(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> pa.Table:
+def similar(
+    db: duckdb.DuckDBPyConnection,
+    image_id: str,
+    k: int = 10,
+    index: SimilarIndex | None = None,
+    *,
+    nprobes: int | None = None,
+    refine: int | None = None,
+) -> pa.Table:
     """The ``k`` images (from ``latest``) nearest to ``image_id`` by cosine similarity of embeddings, itself first.
 
-    Exact search: one pass over every stored embedding, inside DuckDB.
+    Exact search (one pass over every stored embedding, inside DuckDB) unless ``index`` is given
+    (:func:`pipeline.vector_index.open_index`): then approximate, with ``nprobes`` and ``refine`` trading recall
+    for time, and a :class:`~pipeline.vector_index.StaleIndexWarning` when runs were committed after it was built.
     """
-    query = similar_query(db, image_id, k)
+    query = similar_query(db, image_id, k, index, nprobes=nprobes, refine=refine)
     return fetch_arrow(db, query.sql, query.params)
 
 
-def similar_query(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> Query:
-    """:func:`similar`'s query, not run; raises QueryError for an unknown image or one without an embedding."""
+def similar_query(
+    db: duckdb.DuckDBPyConnection,
+    image_id: str,
+    k: int = 10,
+    index: SimilarIndex | None = None,
+    *,
+    nprobes: int | None = None,
+    refine: int | None = None,
+) -> Query:
+    """:func:`similar`'s query, not run (with an index, the search is done and its rows wait in ``db``); raises
+    QueryError for an unknown image or one without an embedding."""
     found = db.execute(
         "SELECT embedding IS NOT NULL, status, array_length(embedding) FROM latest WHERE image_id = $id",
         {"id": image_id},
@@ -176,6 +198,8 @@ def similar_query(db: duckdb.DuckDBPyConnection, image_id: str, k: int = 10) -> 
     has_embedding, status, dimension = found[0]
     if not has_embedding:
         raise QueryError(f"{image_id!r} has no embedding (status {status}; or the run stored none)")
+    if index is not None:
+        return index.similar_query(db, image_id, k, nprobes=nprobes, refine=refine)
     sql = f"""
         WITH query AS (SELECT embedding::FLOAT[{dimension}] AS q FROM latest WHERE image_id = $id)
         SELECT image_id, array_cosine_similarity(embedding::FLOAT[{dimension}], q) AS similarity, label, score, source
