@@ -125,7 +125,6 @@ def build(
     then the IVF-PQ index is trained and written, then the record. Old Lance versions are removed last.
     """
     import duckdb
-    import lance
 
     location = _location(output, storage_options)
     tables.check_format(location)
@@ -137,35 +136,20 @@ def build(
         db.register("latest", tables.dataset(location, LATEST, latest_version))
         rows = db.sql(f"SELECT {', '.join(COLUMNS)}, {VECTOR} FROM latest WHERE status = 'ok' AND {VECTOR} IS NOT NULL")
         with rows.to_arrow_reader(batch_rows) as reader:
-            problems: list[VectorIndexError] = []
-            vectors = _fixed_size(reader, problems)
-            uri = _uri(location)
-            try:
-                dataset = lance.write_dataset(vectors, uri, mode="overwrite", storage_options=_lance_options(location))
-            except Exception as error:
-                if problems:  # ours, raised while Lance read the rows
-                    raise problems[0] from None
-                raise VectorIndexError(f"cannot write the index at {redact_url(uri)}: {error}") from None
-    count = dataset.count_rows()
-    dimension = dataset.schema.field(VECTOR).type.list_size
-    partitions, sub_vectors = parameters(count, dimension, num_partitions, num_sub_vectors)
-    if count >= MIN_INDEXED_ROWS:
-        dataset.create_index(
-            VECTOR,
-            "IVF_PQ",
-            metric=METRIC,
-            num_partitions=partitions,
-            num_sub_vectors=sub_vectors,
-            replace=True,
-        )
-    else:
-        partitions = 0
+            dataset, partitions, sub_vectors = write_index(
+                reader,
+                _uri(location),
+                _lance_options(location),
+                exists=location.exists(location.path(FOLDER, DATASET)),
+                num_partitions=num_partitions,
+                num_sub_vectors=num_sub_vectors,
+            )
     record = IndexRecord(
         predictions_version=predictions_version,
         latest_version=latest_version,
         lance_version=dataset.version,
-        rows=count,
-        dimension=dimension,
+        rows=dataset.count_rows(),
+        dimension=dataset.schema.field(VECTOR).type.list_size,
         num_partitions=partitions,
         num_sub_vectors=sub_vectors,
         metric=METRIC,
@@ -176,6 +160,39 @@ def build(
     # Readers follow the record to a version; earlier ones are no longer named by it.
     dataset.cleanup_old_versions(older_than=timedelta(0))
     return record
+
+
+def write_index(
+    rows: pa.RecordBatchReader,
+    uri: str,
+    storage_options: dict[str, str] | None = None,
+    *,
+    exists: bool = False,
+    num_partitions: int | None = None,
+    num_sub_vectors: int | None = None,
+) -> tuple[lance.LanceDataset, int, int]:
+    """``rows`` (COLUMNS and a list ``embedding``), streamed into the Lance dataset at ``uri`` (replacing it when
+    it ``exists``), then its IVF-PQ index trained and written; returns the dataset and the partitions (0: no index,
+    too few rows) and sub-vectors used."""
+    import lance
+
+    problems: list[VectorIndexError] = []
+    try:
+        dataset = lance.write_dataset(
+            _fixed_size(rows, problems), uri, mode="overwrite" if exists else "create", storage_options=storage_options
+        )
+    except Exception as error:
+        if problems:  # ours, raised while Lance read the rows
+            raise problems[0] from None
+        raise VectorIndexError(f"cannot write the index at {redact_url(uri)}: {error}") from None
+    count, dimension = dataset.count_rows(), dataset.schema.field(VECTOR).type.list_size
+    partitions, sub_vectors = parameters(count, dimension, num_partitions, num_sub_vectors)
+    if count < MIN_INDEXED_ROWS:
+        return dataset, 0, sub_vectors
+    dataset.create_index(
+        VECTOR, "IVF_PQ", metric=METRIC, num_partitions=partitions, num_sub_vectors=sub_vectors, replace=True
+    )
+    return dataset, partitions, sub_vectors
 
 
 def _fixed_size(reader: pa.RecordBatchReader, problems: list[VectorIndexError]) -> pa.RecordBatchReader:
@@ -231,6 +248,7 @@ class SimilarIndex:
     dataset: lance.LanceDataset
     current_version: int  # of the predictions table, now
     runs_since: int  # runs committed after the index was built
+    name: str = ""  # the output as the user named it (credentials redacted)
 
     def stale_message(self) -> str | None:
         """A line saying how far behind the output the index is; None when it is up to date."""
@@ -242,7 +260,7 @@ class SimilarIndex:
             f"the similarity index is {behind} version{'s' if behind != 1 else ''} behind the output (built at "
             f"predictions version {self.record.predictions_version}, now {self.current_version}; {runs} committed "
             "since): images of newer runs are missing from it and changed ones show their old labels; rebuild it "
-            f"with `resnet-pipeline index {redact_url(self.location.url())}`, or use --exact"
+            f"with `resnet-pipeline index {self.name or redact_url(self.location.url())}`, or use --exact"
         )
 
     def search(self, vector: np.ndarray, k: int, nprobes: int | None = None, refine: int | None = None) -> pa.Table:
@@ -315,4 +333,5 @@ def open_index(output: str | OutputLocation, storage_options: dict | None = None
     current = tables.open_table(location, PREDICTIONS).version()
     versions = tables.dataset(location, RUNS).to_table(columns=["version"]).column("version")
     runs_since = pc.sum(pc.greater(versions, record.predictions_version)).as_py() or 0
-    return SimilarIndex(location, record, dataset, current, runs_since)
+    name = redact_url(output) if isinstance(output, str) else redact_url(location.url())
+    return SimilarIndex(location, record, dataset, current, runs_since, name)
