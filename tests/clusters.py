@@ -1,8 +1,10 @@
-"""Ray heads started as users start them (`ray start --head`), on free ports, and stopped by what they started."""
+"""Ray heads and worker nodes started as users start them (`ray start`), on free ports, and stopped by what they
+started; where a cluster's actors and tasks ran; and the small image folders their jobs read."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from tests.conftest import _free_port
 
@@ -174,3 +179,46 @@ def stop_processes(marks: tuple[str, ...], grace: float = 5) -> int:
             process.kill()
     psutil.wait_procs(processes, timeout=10)
     return len(ours)
+
+
+def write_images(folder: Path, count: int) -> None:
+    """``count`` small seeded noise JPEGs in a new ``folder``."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (48, 64, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=80)
+
+
+PLACEMENTS = """
+import json, sys
+from ray.util.state import list_actors, list_nodes, list_tasks
+address, alive = sys.argv[1], sys.argv[2] == "alive"
+filters = [("state", "=", "ALIVE")] if alive else None
+found = {"raise_on_missing_output": False, "limit": 10000}
+names = {
+    n.node_id: next((r for r in sorted(n.resources_total or {}) if r.startswith("node_")), None)
+    for n in list_nodes(address=address, **found)
+}
+actors = list_actors(address=address, filters=filters, **found)
+tasks = [] if alive else list_tasks(address=address, **found)
+print(json.dumps({
+    "actors": [[a.class_name, names.get(a.node_id)] for a in actors],
+    "tasks": [[t.name, names.get(t.node_id)] for t in tasks if t.node_id],
+}))
+"""
+
+
+def placements(dashboard: str, env: dict[str, str], alive: bool = False) -> dict[str, list[list]] | None:
+    """Where the actors (and, unless ``alive``, the tasks) of the cluster whose dashboard is ``dashboard`` ran, from
+    Ray's state API: ``{"actors": [[class name, node], ...], "tasks": [[task name, node], ...]}``, a node named by
+    its ``node_*`` resource (:func:`ray_node`'s ``name``; None for the head). ``alive``: only the actors alive now,
+    and no tasks. Asked in a process of its own, with the cluster's token (the state API's client caches the first
+    token it finds); None if the API did not answer."""
+    done = subprocess.run(
+        [sys.executable, "-c", PLACEMENTS, dashboard, "alive" if alive else "all"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout) if done.returncode == 0 else None

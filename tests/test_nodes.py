@@ -5,19 +5,16 @@ finish with exactly one committed row per input."""
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from tests.clusters import clean_environment, kill_node, ray_head, ray_node
+from tests.clusters import clean_environment, kill_node, placements, ray_head, ray_node, write_images
 
 pytestmark = pytest.mark.slow
 
@@ -28,37 +25,10 @@ SMALL = {
 }
 
 
-def write_images(folder: Path, count: int) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        pixels = rng.integers(0, 256, (48, 64, 3), np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=80)
-
-
-STATE = """
-import json, sys
-from ray.util.state import list_actors, list_nodes
-alive = [("state", "=", "ALIVE")]
-actors = list_actors(address=sys.argv[1], filters=alive, raise_on_missing_output=False)
-nodes = list_nodes(address=sys.argv[1], filters=alive, raise_on_missing_output=False)
-print(json.dumps({
-    "model": [a.node_id for a in actors if "Predictor" in a.class_name],
-    "nodes": {n.node_id: sorted(n.resources_total or {}) for n in nodes},
-}))
-"""
-
-
 def model_actor_node(dashboard: str, env: dict[str, str]) -> str | None:
-    """The name of the resource that marks the node running the model actor, once it runs; asked in a process of
-    its own, with the cluster's token (the state API's client caches the first token it finds)."""
-    done = subprocess.run([sys.executable, "-c", STATE, dashboard], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        return None
-    state = json.loads(done.stdout)
-    for node_id in state["model"]:
-        return next((r for r in state["nodes"].get(node_id, []) if r.startswith("node_")), None)
-    return None
+    """The name of the resource that marks the node running the model actor, once it runs."""
+    state = placements(dashboard, env, alive=True)
+    return next((node for name, node in state["actors"] if "Predictor" in name), None) if state else None
 
 
 def node_loss_run(folder: Path, count: int = 800) -> dict:

@@ -10,9 +10,11 @@ model can never pass for a trained one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +23,11 @@ import h5py
 import numpy as np
 
 from pipeline.credentials import redact_url
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; each of a node's concurrent fetches still renames a whole copy into place
+    fcntl = None
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 
@@ -77,17 +84,31 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _node_lock(target: Path) -> Iterator[None]:
+    """Held by one process of this machine at a time: an exclusive ``flock`` on a lock file beside ``target``
+    (released by the kernel if its holder dies)."""
+    with target.with_name(f"{target.name}.lock").open("a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def _download(url: str, target: Path, storage_options: dict | None = None) -> None:
-    """Copy ``url`` to ``target`` atomically, so concurrent actors on a node never see half a file."""
+    """Copy ``url`` to ``target`` once per node: the node's actors that start together take turns on a lock, so
+    one fetches and the others find its copy; the copy is renamed into place whole, so none sees half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        fs.get_file(path, str(partial))
-        os.replace(partial, target)
-    except Exception as error:
-        partial.unlink(missing_ok=True)
-        raise WeightsError(f"Could not fetch weights from {redact_url(url)}: {error}") from error
+    with _node_lock(target):
+        if target.is_file():
+            return
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            fs.get_file(path, str(partial))
+            os.replace(partial, target)
+        except Exception as error:
+            partial.unlink(missing_ok=True)
+            raise WeightsError(f"Could not fetch weights from {redact_url(url)}: {error}") from error
 
 
 def _choices(ways: list[str]) -> str:
