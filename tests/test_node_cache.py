@@ -77,7 +77,12 @@ def node_cache_run(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         document = {
             "input": {"url": str(folder / "in"), "files_per_task": 4},  # 12 decode tasks, to spread
             "output": str(folder / "out"),
-            "model": {"depth": 18, "weights": f"s3://weights/{KEY}", "top_k": 1},
+            "model": {
+                "depth": 18,
+                "weights": f"s3://weights/{KEY}",
+                "storage_options": {"endpoint_url": endpoint},
+                "top_k": 1,
+            },
             "decode": {"image_size": 32},
             "inference": {
                 "batch_size": 8,
@@ -87,7 +92,6 @@ def node_cache_run(folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
                 "batches_per_actor": 1,
             },
         }
-        document["model"]["storage_options"] = {"endpoint_url": endpoint}
         spec.write_text(yaml.safe_dump(document))
         env = clean_environment(
             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24), HOME=str(folder), **CREDENTIALS
