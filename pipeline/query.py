@@ -189,6 +189,9 @@ def similar_query(
 ) -> Query:
     """:func:`similar`'s query, not run (with an index, the search is done and its rows wait in ``db``); raises
     QueryError for an unknown image or one without an embedding."""
+    if index is not None and index.up_to_date and (row := index.indexed_row(image_id)) is not None:
+        # latest holds what the index holds: the image's row comes from the index, without a pass over latest
+        return index.similar_query(db, image_id, k, nprobes=nprobes, refine=refine, row=row)
     found = db.execute(
         "SELECT embedding IS NOT NULL, status, array_length(embedding) FROM latest WHERE image_id = $id",
         {"id": image_id},

@@ -33,7 +33,7 @@ from pipeline import tables
 from pipeline.credentials import redact_url
 from pipeline.query import Query, QueryError
 from pipeline.runs import LATEST, PREDICTIONS, RUNS, OutputLocation
-from pipeline.storage import read_json, with_retries, write_json
+from pipeline.storage import literal, read_json, with_retries, write_json
 
 if TYPE_CHECKING:
     import duckdb
@@ -192,6 +192,9 @@ def write_index(
     dataset.create_index(
         VECTOR, "IVF_PQ", metric=METRIC, num_partitions=partitions, num_sub_vectors=sub_vectors, replace=True
     )
+    dataset.create_scalar_index(
+        "image_id", "BTREE", replace=True
+    )  # the query image's own row, from an up-to-date index
     return dataset, partitions, sub_vectors
 
 
@@ -250,6 +253,10 @@ class SimilarIndex:
     runs_since: int  # runs committed after the index was built
     name: str = ""  # the output as the user named it (credentials redacted)
 
+    @property
+    def up_to_date(self) -> bool:
+        return self.stale_message() is None
+
     def stale_message(self) -> str | None:
         """A line saying how far behind the output the index is; None when it is up to date."""
         behind = self.current_version - self.record.predictions_version
@@ -279,6 +286,12 @@ class SimilarIndex:
         similarity = pc.subtract(pa.scalar(1.0, pa.float32()), found.column("_distance").cast(pa.float32()))
         return found.drop_columns(["_distance"]).add_column(1, "similarity", similarity)
 
+    def indexed_row(self, image_id: str) -> tuple | None:
+        """The image's row as indexed (COLUMNS, then the embedding), through the index on ``image_id``; None when
+        it is not in the index."""
+        found = self.dataset.to_table(columns=[*COLUMNS, VECTOR], filter=f"image_id = {literal(image_id)}")
+        return tuple(column[0].as_py() for column in found.columns) if found.num_rows else None
+
     def similar_query(
         self,
         db: duckdb.DuckDBPyConnection,
@@ -286,13 +299,15 @@ class SimilarIndex:
         k: int,
         nprobes: int | None = None,
         refine: int | None = None,
+        row: tuple | None = None,
     ) -> Query:
-        """``similar``'s rows from the index: the image first (its row in ``latest`` now), then its ``k - 1``
-        nearest others, as a query over a table registered in ``db``."""
-        found = db.execute(
-            f"SELECT {', '.join(COLUMNS)}, {VECTOR} FROM latest WHERE image_id = $id", {"id": image_id}
-        ).fetchall()[0]
-        query_vector = np.asarray(found[-1], dtype=np.float32)
+        """``similar``'s rows from the index: the image first (``row``, else its row in ``latest`` now), then its
+        ``k - 1`` nearest others, as a query over a table registered in ``db``."""
+        if row is None:
+            row = db.execute(
+                f"SELECT {', '.join(COLUMNS)}, {VECTOR} FROM latest WHERE image_id = $id", {"id": image_id}
+            ).fetchall()[0]
+        query_vector = np.asarray(row[-1], dtype=np.float32)
         if len(query_vector) != self.record.dimension:
             raise QueryError(
                 f"{image_id!r} has an embedding of {len(query_vector)} values, the index holds {self.record.dimension}"
@@ -303,9 +318,7 @@ class SimilarIndex:
             warnings.warn(message, StaleIndexWarning, stacklevel=3)
         hits = self.search(query_vector, k + 1, nprobes, refine)
         others = hits.filter(pc.not_equal(hits.column("image_id"), image_id)).slice(0, k - 1)
-        itself = pa.table(
-            {**dict(zip(COLUMNS, ([value] for value in found[:-1]), strict=True)), "similarity": [1.0]},
-        )
+        itself = pa.table({**dict(zip(COLUMNS, ([value] for value in row[:-1]), strict=True)), "similarity": [1.0]})
         result = pa.concat_tables([itself.select(others.column_names).cast(others.schema), others])
         result = result.append_column("position", pa.array(range(result.num_rows), pa.int32()))
         db.register("_similar_index", result)
