@@ -371,7 +371,10 @@ def similar(
     k: int = typer.Option(10, "-k", min=1, help="How many images, the image itself first."),
     exact: bool = typer.Option(False, "--exact", help="Exact search over every embedding, even with an index."),
     nprobes: int | None = typer.Option(
-        None, "--nprobes", min=1, help="Index: IVF partitions searched (default 20; more: better recall, slower)."
+        None,
+        "--nprobes",
+        min=1,
+        help="Index: IVF partitions searched (default: 1/16 of them, at least 20; more: better recall, slower).",
     ),
     refine: int | None = typer.Option(
         None, "--refine", min=0, help="Index: re-rank refine x k candidates exactly (default 10; 0: PQ estimates)."

@@ -48,7 +48,8 @@ METRIC = "cosine"
 BATCH_ROWS = 4096
 MIN_INDEXED_ROWS = 1024  # fewer rows: no IVF-PQ (too little to train on); the Lance dataset is searched exactly
 ROWS_PER_PARTITION = 256  # Lance trains at most rows / 256 IVF partitions
-DEFAULT_NPROBES = 20
+MIN_NPROBES = 20
+PROBED_SHARE = 16  # by default 1/16 of the partitions are searched (20 of 316 at 100,000 rows: recall@10 0.996)
 DEFAULT_REFINE = 10
 
 
@@ -270,6 +271,11 @@ class SimilarIndex:
             f"with `resnet-pipeline index {self.name or redact_url(self.location.url())}`, or use --exact"
         )
 
+    @property
+    def default_nprobes(self) -> int:
+        """Partitions searched unless told: the same share of them at every size, so that recall holds."""
+        return max(MIN_NPROBES, -(-self.record.num_partitions // PROBED_SHARE))
+
     def search(self, vector: np.ndarray, k: int, nprobes: int | None = None, refine: int | None = None) -> pa.Table:
         """The ``k`` nearest rows to ``vector``: COLUMNS and ``similarity`` (1 - cosine distance), best first.
 
@@ -278,7 +284,7 @@ class SimilarIndex:
         """
         nearest: dict[str, Any] = {"column": VECTOR, "q": vector.astype(np.float32), "k": k}
         if self.record.num_partitions:
-            nearest["nprobes"] = nprobes or DEFAULT_NPROBES
+            nearest["nprobes"] = nprobes or self.default_nprobes
             refine = DEFAULT_REFINE if refine is None else refine
             if refine:
                 nearest["refine_factor"] = refine
