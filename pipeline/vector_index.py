@@ -81,7 +81,9 @@ class IndexRecord:
         return cls(**{f.name: document[f.name] for f in fields(cls)})
 
 
-def parameters(rows: int, dimension: int, num_partitions: int | None = None, num_sub_vectors: int | None = None):
+def parameters(
+    rows: int, dimension: int, num_partitions: int | None = None, num_sub_vectors: int | None = None
+) -> tuple[int, int]:
     """IVF-PQ parameters for ``rows`` vectors of ``dimension``: about sqrt(rows) partitions (at most rows / 256,
     what Lance can train), and sub-vectors of 16 values (8, else the largest divisor up to dimension / 8) so that
     they divide the dimension. Either may be given instead."""
@@ -90,7 +92,7 @@ def parameters(rows: int, dimension: int, num_partitions: int | None = None, num
     if num_sub_vectors is None:
         width = next((w for w in (16, 8) if dimension % w == 0), None)
         num_sub_vectors = (
-            dimension // width if width else max(d for d in range(1, dimension // 8 + 1) if not dimension % d)
+            dimension // width if width else max(d for d in range(1, max(1, dimension // 8) + 1) if not dimension % d)
         )
     if num_partitions < 1 or num_sub_vectors < 1 or dimension % num_sub_vectors:
         raise VectorIndexError(
@@ -282,7 +284,7 @@ class SimilarIndex:
         ``nprobes``: IVF partitions searched (more: better recall, slower); ``refine``: re-rank ``refine * k``
         candidates on their stored embeddings (exact similarities; 0: PQ-approximate ones).
         """
-        nearest: dict[str, Any] = {"column": VECTOR, "q": vector.astype(np.float32), "k": k}
+        nearest: dict[str, Any] = {"column": VECTOR, "q": vector.astype(np.float32), "k": k, "metric": METRIC}
         if self.record.num_partitions:
             nearest["nprobes"] = nprobes or self.default_nprobes
             refine = DEFAULT_REFINE if refine is None else refine

@@ -180,3 +180,11 @@ def test_the_index_on_s3(s3):
     message = open_index(f"s3://{bucket}/out", options).stale_message()
     assert f"resnet-pipeline index s3://{bucket}/out" in message
     assert secret not in message + fs.cat_file(f"{bucket}/out/{FOLDER}/{RECORD}").decode()
+
+
+def test_a_small_output_is_searched_exactly_through_its_lance_dataset(tmp_path):
+    location = OutputLocation.open(str(tmp_path / "out"))
+    ids = committed(location, "20261202T000000Z-aaaaaa", 300, seed=8)
+    assert build(location).num_partitions == 0  # too few rows to train IVF-PQ on
+    with connect(location) as db:
+        assert recall_at_10(db, open_index(location), ids[::30]) == 1.0
