@@ -16,13 +16,18 @@ Night 366, in a fresh process on a hard-linked copy of the history (Delta never 
 moto's S3 server over HTTP for the histories of those row counts (straight to moto, then through the counting
 proxy for request counts). Helpers come from ``benchmarks/delta_commit.py``.
 
-    python benchmarks/delta_scale.py --rows 1000000 10000000 --s3 1000000 \
-        --json benchmarks/results-2026-12-02-cpu2-delta-scale.json
+``--upgrade`` measures code newer than the history's: the properties and compaction an old output gets once, at its
+first commit with the new code, are done (and timed) before night 366. ``--latest-files`` measures ``latest`` alone at
+N files (25,000: 100M rows), one commit of that many adds of hard links to one real file.
+
+    python benchmarks/delta_scale.py --rows 1000000 10000000 --s3 1000000 --latest-files 2591 25000 \
+        --json benchmarks/results-2026-12-02-cpu2-delta-scale.json    (as in benchmarks/RESULTS.md, in parts)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -31,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -270,7 +276,8 @@ def show(label: str, r: dict) -> None:
     )
 
 
-def scale(args: argparse.Namespace, rows: int) -> dict:
+def scale(args: argparse.Namespace, rows: int, record: dict, save: Callable[[], None]) -> None:
+    """Night 366 on the history of ``rows`` rows, into ``record`` (``save`` after each night: runs are long)."""
     work = Path(args.workdir)
     output = Path(args.history or work) / f"history-{rows}"
     saved = output.parent / f"history-{rows}.json"
@@ -284,7 +291,8 @@ def scale(args: argparse.Namespace, rows: int) -> dict:
         f"history {rows:,}: built in {build['seconds']} s; files {table_files(OutputLocation.open(str(output)))}",
         flush=True,
     )
-    nights = []
+    nights = record.setdefault("nights", [])
+    record.update(build=build, logs=logs)
     for repeat in range(args.repeat):
         for variant in args.variants:
             copy = work / "night"
@@ -294,36 +302,44 @@ def scale(args: argparse.Namespace, rows: int) -> dict:
             result = run_night([str(copy), variant, json.dumps(build), str(args.night_rows), "{}", ""])
             nights.append({**result, "store": "local", "repeat": repeat, "loadavg_before": load})
             show(f"local {rows:,} night {variant} #{repeat + 1}", result)
+            save()
             shutil.rmtree(copy, ignore_errors=True)
     if rows in args.s3:
-        import s3fs
+        with contextlib.suppress(subprocess.TimeoutExpired):  # moto slow to stop on a loaded machine: its results stay
+            night_on_s3(args, rows, output, build, nights, save)
 
-        s3_environment()
-        with moto_server() as endpoint, counting_proxy(endpoint) as (proxy, _):
-            fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-            for variant in args.variants:
-                for via, target in (("direct", endpoint), ("counted", proxy)):
-                    bucket = f"night-{variant}-{via}"
-                    fs.mkdir(bucket)
-                    started = time.perf_counter()
-                    fs.put(f"{output}/", f"{bucket}/out", recursive=True)
-                    uploaded = round(time.perf_counter() - started, 1)
-                    result = run_night(
-                        [
-                            f"s3://{bucket}/out",
-                            variant,
-                            json.dumps(build),
-                            str(args.night_rows),
-                            json.dumps({"endpoint_url": target}),
-                            proxy if via == "counted" else "",
-                        ]
-                    )
-                    nights.append(
-                        {**result, "store": f"s3 {via}", "upload_seconds": uploaded, "loadavg_before": os.getloadavg()}
-                    )
-                    show(f"s3 ({via}) {rows:,} night {variant}", result)
-                    fs.rm(bucket, recursive=True)
-    return {"build": build, "logs": logs, "nights": nights}
+
+def night_on_s3(args: argparse.Namespace, rows: int, output: Path, build: dict, nights: list, save: Callable) -> None:
+    import s3fs
+
+    s3_environment()
+    with moto_server() as endpoint, counting_proxy(endpoint) as (proxy, _):
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        for variant in args.variants:
+            for via, target in (("direct", endpoint), ("counted", proxy)):
+                if via not in args.s3_via:
+                    continue
+                bucket = f"night-{variant}-{via}"
+                fs.mkdir(bucket)
+                started = time.perf_counter()
+                fs.put(f"{output}/", f"{bucket}/out", recursive=True)
+                uploaded = round(time.perf_counter() - started, 1)
+                result = run_night(
+                    [
+                        f"s3://{bucket}/out",
+                        variant,
+                        json.dumps(build),
+                        str(args.night_rows),
+                        json.dumps({"endpoint_url": target}),
+                        proxy if via == "counted" else "",
+                    ]
+                )
+                nights.append(
+                    {**result, "store": f"s3 {via}", "upload_seconds": uploaded, "loadavg_before": os.getloadavg()}
+                )
+                show(f"s3 ({via}) {rows:,} night {variant}", result)
+                save()
+                fs.rm(bucket, recursive=True)
 
 
 def latest_of_files(work: Path, files: int) -> dict[str, Any]:
@@ -383,6 +399,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", type=int, default=[1_000_000, 10_000_000])
     parser.add_argument("--s3", nargs="*", type=int, default=[], help="row counts to run night 366 for on moto too")
+    parser.add_argument("--s3-via", nargs="+", choices=["direct", "counted"], default=["direct", "counted"])
     parser.add_argument("--nights", type=int, default=365)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--night-rows", type=int, default=1_000_000, help="new rows of night (a)")
@@ -419,11 +436,15 @@ def main() -> None:
         "scales": {},
     }
     started = time.perf_counter()
-    for rows in args.rows:
-        results["scales"][str(rows)] = scale(args, rows)
-        results["loadavg_after_" + str(rows)] = os.getloadavg()
+
+    def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
+
+    for rows in args.rows:
+        scale(args, rows, results["scales"].setdefault(str(rows), {}), save)
+        results["loadavg_after_" + str(rows)] = os.getloadavg()
+        save()
     for files in args.latest_files:
         results.setdefault("latest_alone", []).append(latest_of_files(Path(args.workdir), files))
     results["seconds"] = round(time.perf_counter() - started, 1)
