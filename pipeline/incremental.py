@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import fsspec
 
 from pipeline.manifest import PlanSummary
@@ -31,7 +32,7 @@ from pipeline.runs import (
     record_adoption,
     staged_files,
 )
-from pipeline.sources import Shard, ShardRead, unreadable_id
+from pipeline.sources import Shard, ShardReads, Shards
 from pipeline.spec import JobSpec
 from pipeline.storage import version_of, with_retries
 from pipeline.tables import RUNS, SHARDS, CrashedRun, dataset
@@ -83,7 +84,7 @@ class Plan:
 
     mode: Mode
     listed: int
-    reads: list[ShardRead]
+    reads: ShardReads
     skipped: int = 0  # already covered by a committed run
     adopted_shards: list[dict[str, Any]] = field(default_factory=list)
     adopted_from: list[str] = field(default_factory=list)
@@ -100,49 +101,53 @@ class Plan:
         )
 
 
-def plan_run(spec: JobSpec, shards: list[Shard], location: OutputLocation, key: str, *, full: bool = False) -> Plan:
-    """Full or incremental: the listed shards, less those a committed run already processed."""
+def plan_run(spec: JobSpec, shards: Shards, location: OutputLocation, key: str, *, full: bool = False) -> Plan:
+    """Full or incremental: the listed shards, less those a committed run already processed at the same version."""
     mode = "incremental" if spec.incremental and not full else "full"
     if mode == "full":
-        return Plan(mode, len(shards), [ShardRead(s) for s in shards])
-    covered = covered_shards(location, key)
-    todo = [s for s in shards if covered.get(s.url) != _version(s)]
-    return Plan(mode, len(shards), [ShardRead(s) for s in todo], skipped=len(shards) - len(todo))
-
-
-def covered_shards(location: OutputLocation, key: str) -> dict[str, tuple]:
-    """Shard URL -> (etag, size) of its newest whole processing by a committed run with this work key."""
-    import duckdb
-
+        return Plan(mode, len(shards), shards.whole())
+    # A join in DuckDB, not a dictionary of every shard ever covered: the driver plans millions of shards.
     with duckdb.connect() as db:
-        db.register("shards", dataset(location, SHARDS))
-        db.register("runs", dataset(location, RUNS))
-        found = db.execute(
-            "SELECT s.url, s.etag, s.size FROM shards s JOIN runs r USING (run_id) "
-            "WHERE s.work_key = $key AND NOT s.partial "
-            "QUALIFY row_number() OVER (PARTITION BY s.url ORDER BY r.version DESC) = 1",
-            {"key": key},
-        ).fetchall()
-    return {url: (etag, size) for url, etag, size in found}
+        for name, table in (
+            ("listed", shards.table),
+            ("shards", dataset(location, SHARDS)),
+            ("runs", dataset(location, RUNS)),
+        ):
+            db.register(name, table)
+        todo = db.sql(
+            """
+            WITH covered AS (
+                SELECT s.url, s.etag, s.size FROM shards s JOIN runs r USING (run_id)
+                WHERE s.work_key = $key AND NOT s.partial
+                QUALIFY row_number() OVER (PARTITION BY s.url ORDER BY r.version DESC) = 1
+            )
+            SELECT l.* FROM listed l LEFT JOIN covered c USING (url)
+            WHERE c.url IS NULL OR c.etag IS DISTINCT FROM l.etag OR c.size IS DISTINCT FROM l.size
+            ORDER BY l.url
+            """,
+            params={"key": key},
+        ).to_arrow_table()
+    return Plan(mode, len(shards), Shards(todo).whole(), skipped=len(shards) - todo.num_rows)
 
 
-def plan_retry(shards: list[Shard], location: OutputLocation) -> Plan:
-    """Only the images whose newest committed row is an error, in the shards as they are listed now."""
+UNREADABLE_ID = "CASE WHEN l.format = 'images' THEN l.url ELSE l.url || '#unreadable' END"  # as unreadable_id
+
+
+def plan_retry(shards: Shards, location: OutputLocation) -> Plan:
+    """Only the images whose newest committed row is an error, in the shards as they are listed now. A shard that
+    itself failed (its row is :func:`~pipeline.sources.unreadable_id`) is read whole."""
     from pipeline.query import connect
 
     with connect(location) as db:
-        failed = db.execute("SELECT source, image_id FROM latest WHERE status = 'error'").fetchall()
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for source, image_id in failed:
-        wanted[source].add(image_id)
-    reads = []
-    for shard in shards:
-        ids = wanted.get(shard.url)
-        if not ids:
-            continue
-        # A shard that itself failed is read whole.
-        reads.append(ShardRead(shard) if unreadable_id(shard) in ids else ShardRead(shard, frozenset(ids)))
-    return Plan("retry-failed", len(shards), reads, skipped=len(shards) - len(reads))
+        db.register("listed", shards.table)
+        failed = db.sql(
+            f"""
+            WITH failed AS (SELECT source AS url, list(image_id) AS ids FROM latest WHERE status = 'error' GROUP BY 1)
+            SELECT l.*, CASE WHEN list_contains(ids, {UNREADABLE_ID}) THEN NULL ELSE list_sort(ids) END AS only
+            FROM listed l JOIN failed f USING (url) ORDER BY l.url
+            """
+        ).to_arrow_table()
+    return Plan("retry-failed", len(shards), ShardReads(failed), skipped=len(shards) - failed.num_rows)
 
 
 def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: Plan, run_id: str) -> None:
@@ -154,16 +159,17 @@ def adopt(location: OutputLocation, crashed: list[CrashedRun], key: str, plan: P
     candidate = next((run for run in crashed if run.key == key), None)
     if candidate is None or not plan.reads:
         return
-    wanted = {read.shard: read for read in plan.reads}
+    progress = read_progress(location, candidate.run_id)
+    wanted = {read.shard: read for read in plan.reads.among(progress)}
     done = {}
-    for entry in read_progress(location, candidate.run_id).values():
+    for entry in progress.values():
         match = wanted.get(Shard.from_record(entry))
         if match is not None and bool(entry.get("partial")) == (match.only is not None):
             done[entry["url"]] = entry
     files, finished = adoptable(staged_files(location, candidate.run_id), {url: e["rows"] for url, e in done.items()})
     if not finished:
         return
-    plan.reads = [read for read in plan.reads if read.shard.url not in finished]
+    plan.reads = plan.reads.without(finished)
     plan.adopted_shards = [done[url] for url in sorted(finished)]
     plan.adopted_from = [candidate.run_id]
     plan.adopted_files = files

@@ -64,7 +64,7 @@ def read_and_decode(
         return out
 
     for record in batch["task"]:
-        task = ReadTask.from_record(record)
+        task = ReadTask.from_json(record)
         if _stop_requested(timer):
             continue  # the run is stopping: shards not begun are left whole for the rerun
         done = []

@@ -37,7 +37,7 @@ from pipeline.runs import (
     staged_files,
 )
 from pipeline.sink import output_schema, row_bytes, rows_per_file
-from pipeline.sources import InputError, Listing, ReadTask, ShardRead, check_columns, list_shards
+from pipeline.sources import InputError, Listing, check_columns, list_shards
 from pipeline.spec import JobSpec
 from pipeline.storage import is_within
 from pipeline.tables import (
@@ -96,22 +96,6 @@ class RunResult:
     @property
     def images_per_second(self) -> float:
         return self.rows / self.wall_seconds if self.wall_seconds else 0.0
-
-
-def _read_tasks(reads: list[ShardRead], files_per_task: int) -> list[ReadTask]:
-    """One task per container shard; single image files grouped ``files_per_task`` at a time."""
-    tasks, files = [], []
-    for read in reads:
-        if read.shard.format == "images":
-            files.append(read)
-            if len(files) == files_per_task:
-                tasks.append(ReadTask(tuple(files)))
-                files = []
-        else:
-            tasks.append(ReadTask((read,)))
-    if files:
-        tasks.append(ReadTask(tuple(files)))
-    return tasks
 
 
 def preflight(spec: JobSpec) -> Listing:
@@ -385,10 +369,12 @@ def _execute(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     timer = StageTimer.options(scheduling_strategy=here).remote(time.time())
     sink = RunSink(location, run_id, target_rows, output_schema())
-    tasks = _read_tasks(plan.reads, spec.input.files_per_task)
     try:
-        with _first_interrupt_stops(timer) as stopped, show_progress(timer, len(tasks), progress and not verbose):
-            _plan(spec, tasks, location, run_id, timer, verbose).write_datasink(sink)
+        tasks = plan.reads.tasks(spec.input.files_per_task)
+        task_count, dataset = len(tasks), _plan(spec, tasks, location, run_id, timer, verbose)
+        del tasks  # in the object store now, as the plan's first blocks
+        with _first_interrupt_stops(timer) as stopped, show_progress(timer, task_count, progress and not verbose):
+            dataset.write_datasink(sink)
         try:
             stage_seconds, actors = ray.get([timer.totals.remote(), timer.started_actors.remote()], timeout=60)
         except Exception as error:  # the rows are written: time per stage is not worth failing the run for
@@ -575,7 +561,7 @@ def _check_complete(
     stopped early (``stopped``) is not committed either unless, the stop coming late, it read everything.
     """
     records = read_progress(location, run_id)
-    missing = [read.shard.url for read in plan.reads if read.shard.url not in records]
+    missing = plan.reads.without(records).urls.to_pylist()
     if stopped and missing:
         raise RunStopped(
             f"run {run_id} stopped: {len(plan.reads) - len(missing)} of {len(plan.reads)} shards read and "
@@ -590,7 +576,7 @@ def _check_complete(
     return sorted(records.values(), key=lambda record: record["url"])
 
 
-def _plan(spec: JobSpec, tasks: list[ReadTask], location: OutputLocation, run_id: str, timer, verbose: bool = False):
+def _plan(spec: JobSpec, tasks: list[str], location: OutputLocation, run_id: str, timer, verbose: bool = False):
     """The Ray Data plan: read tasks -> read and decode on CPU tasks -> predictor actor pool."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -602,7 +588,7 @@ def _plan(spec: JobSpec, tasks: list[ReadTask], location: OutputLocation, run_id
     on_actor = decode_on(spec) == "actor"
 
     return (
-        ray.data.from_items([{"task": task.to_record()} for task in tasks], override_num_blocks=len(tasks))
+        ray.data.from_items([{"task": task} for task in tasks], override_num_blocks=len(tasks))
         .map_batches(
             read_and_decode,
             batch_size=1,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from pipeline.runner import MAX_AUTO_BATCHES_PER_ACTOR, _batches_per_actor, _buffer_bytes, _read_tasks
+from pipeline.runner import MAX_AUTO_BATCHES_PER_ACTOR, _batches_per_actor, _buffer_bytes
 from pipeline.sink import row_bytes
-from pipeline.sources import ReadTask, Shard, ShardRead
+from pipeline.sources import ReadTask, Shard, ShardRead, ShardReads
 from pipeline.spec import parse_spec
 
 PIXELS = 224 * 224 * 3
@@ -68,7 +68,7 @@ def test_stage_span_runs_from_the_first_start_to_the_last_end_whatever_order_rep
 def test_read_tasks_group_image_files_and_keep_container_shards_alone():
     files = [ShardRead(Shard(f"/in/{i}.jpg", "images", 10, "e")) for i in range(5)]
     tar = ShardRead(Shard("/in/a.tar", "webdataset", 99, None), frozenset({"/in/a.tar#k1", "/in/a.tar#k0"}))
-    tasks = _read_tasks([*files[:3], tar, *files[3:]], files_per_task=2)
+    tasks = [ReadTask.from_json(task) for task in ShardReads.of([*files[:3], tar, *files[3:]]).tasks(2)]
     assert [[read.shard.url for read in task.reads] for task in tasks] == [
         ["/in/0.jpg", "/in/1.jpg"],
         ["/in/a.tar"],
@@ -76,6 +76,14 @@ def test_read_tasks_group_image_files_and_keep_container_shards_alone():
         ["/in/4.jpg"],
     ]
     for task in tasks:  # as they travel through Ray Data and back
-        assert ReadTask.from_record(task.to_record()) == task
+        assert ReadTask.from_json(task.to_json()) == task
+    assert tasks[1].reads[0] == tar
     assert tasks[1].reads[0].done(7) == {**tar.shard.to_dict(), "rows": 7, "partial": True}
     assert len({task.key for task in tasks}) == len(tasks)
+    for files_per_task in (1, 3, 10):  # every read in exactly one task
+        grouped = [ReadTask.from_json(task) for task in ShardReads.of([*files, tar]).tasks(files_per_task)]
+        assert sorted(read.shard.url for task in grouped for read in task.reads) == sorted(
+            read.shard.url for read in [*files, tar]
+        )
+        assert max(len(task.reads) for task in grouped) == min(files_per_task, len(files))
+    assert ShardReads.of([]).tasks(2) == []

@@ -43,7 +43,7 @@ from pipeline.runs import (
     write_data_file,
 )
 from pipeline.sink import output_schema
-from pipeline.sources import Shard, ShardRead, list_shards, read_shard
+from pipeline.sources import Shard, ShardRead, ShardReads, list_shards, read_shard
 from pipeline.storage import is_transient, with_retries, write_json
 from pipeline.tables import RUN_KEY, AdoptionLost, CrashedRun, commit, ensure_tables, finish_commit, recover
 from tests.faults import FaultProxy, FaultProxyProcess, FirstTry
@@ -373,7 +373,7 @@ def test_a_rerun_commits_a_crashed_runs_finished_files_as_its_own_without_copyin
     assert crashed == [CrashedRun("crashed", "k1")]
 
     def rerun(run_id: str) -> Plan:
-        plan = Plan("full", 3, [ShardRead(s1), ShardRead(s2), ShardRead(s3)])
+        plan = Plan("full", 3, ShardReads.of([ShardRead(s1), ShardRead(s2), ShardRead(s3)]))
         adopt(location, crashed, "k1", plan, run_id)
         return plan
 

@@ -129,6 +129,7 @@ def test_a_remote_prefix_is_listed_folder_by_folder_with_nothing_missed(s3):
     names += [f"many/{folder}/{index}.jpg" for folder in range(5) for index in range(3)]
     fs.pipe({f"{bucket}/in/{name}": b"x" for name in names})
     fs.invalidate_cache()
-    found = find_files(fs, f"{bucket}/in")
-    assert sorted(found) == sorted(f"{bucket}/in/{name}" for name in names) == sorted(fs.find(f"{bucket}/in"))
-    assert all(info["size"] == 1 for info in found.values())
+    found = [info for batch in find_files(fs, f"{bucket}/in") for info in batch]
+    paths = [info["name"] for info in found]
+    assert sorted(paths) == sorted(f"{bucket}/in/{name}" for name in names) == sorted(fs.find(f"{bucket}/in"))
+    assert all(info["size"] == 1 for info in found)

@@ -18,13 +18,17 @@ tallied (:class:`~pipeline.manifest.Tally`) into the run's manifest with the fir
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.core import has_magic
 
 from pipeline.manifest import Tally
@@ -85,23 +89,126 @@ class ReadTask:
         """Names the task's progress record: the same shards, the same name."""
         return hashlib.sha1("\n".join(read.shard.url for read in self.reads).encode()).hexdigest()[:20]
 
-    def to_record(self) -> dict[str, Any]:
-        """Plain data, as it travels through Ray Data (an Arrow list of structs, not a pickled object)."""
-        return {
-            "reads": [
-                {**read.shard.to_dict(), "only": None if read.only is None else sorted(read.only)}
-                for read in self.reads
-            ]
-        }
+    def to_json(self) -> str:
+        """Plain data, as it travels through Ray Data: a string in a row, not a pickled object, and as compact as
+        the Arrow columns it is made from (:meth:`ShardReads.tasks`)."""
+        return json.dumps([{**read.shard.to_dict(), "only": _sorted(read.only)} for read in self.reads])
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ReadTask:
-        return cls(
-            tuple(
-                ShardRead(Shard.from_record(read), None if read["only"] is None else frozenset(read["only"]))
-                for read in record["reads"]
-            )
-        )
+    def from_json(cls, text: str) -> ReadTask:
+        return cls(tuple(ShardReads.read_of(read) for read in json.loads(text)))
+
+
+SHARD_SCHEMA = pa.schema([("url", pa.string()), ("format", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
+READ_SCHEMA = SHARD_SCHEMA.append(pa.field("only", pa.list_(pa.string())))
+Item = TypeVar("Item")
+
+
+class _Rows(Sequence[Item], Generic[Item]):
+    """A sequence kept as Arrow columns, about 150 bytes a shard where Python objects take a kilobyte: what lets
+    the driver plan millions of shards. Items are made as they are asked for."""
+
+    schema: pa.Schema
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table.select(self.schema.names).cast(self.schema)
+
+    def _item(self, row: dict[str, Any]) -> Item:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+    @overload
+    def __getitem__(self, index: slice) -> _Rows[Item]: ...
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("a step is not supported")
+            return type(self)(self.table.slice(start, max(stop - start, 0)))
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._item(self.table.slice(index % len(self), 1).to_pylist()[0])
+
+    def __iter__(self) -> Iterator[Item]:
+        for batch in self.table.to_batches(max_chunksize=8192):
+            yield from map(self._item, batch.to_pylist())
+
+    def among(self, urls: Iterable[str]) -> _Rows[Item]:
+        """The items of the shards at ``urls``, in order."""
+        return type(self)(self.table.filter(self._at(urls)))
+
+    def without(self, urls: Iterable[str]) -> _Rows[Item]:
+        """The items of all but the shards at ``urls``, in order."""
+        return type(self)(self.table.filter(pc.invert(self._at(urls))))
+
+    def _at(self, urls: Iterable[str]) -> pa.ChunkedArray:
+        return pc.is_in(self.urls, value_set=pa.array(list(urls), pa.string()))
+
+    @property
+    def urls(self) -> pa.ChunkedArray:
+        return self.table["url"]
+
+
+class Shards(_Rows[Shard]):
+    """Listed shards, sorted by URL."""
+
+    schema = SHARD_SCHEMA
+
+    def _item(self, row: dict[str, Any]) -> Shard:
+        return Shard(**row)
+
+    @classmethod
+    def of(cls, shards: Iterable[Shard]) -> Shards:
+        return cls(pa.Table.from_pylist([shard.to_dict() for shard in shards], SHARD_SCHEMA))
+
+    def whole(self) -> ShardReads:
+        """Each shard read whole."""
+        return ShardReads(self.table.append_column("only", pa.nulls(len(self), pa.list_(pa.string()))))
+
+
+class ShardReads(_Rows[ShardRead]):
+    """Shards to read, in order: each whole, or only some of its images (``only``)."""
+
+    schema = READ_SCHEMA
+
+    def _item(self, row: dict[str, Any]) -> ShardRead:
+        return self.read_of(row)
+
+    @staticmethod
+    def read_of(row: dict[str, Any]) -> ShardRead:
+        return ShardRead(Shard.from_record(row), None if row["only"] is None else frozenset(row["only"]))
+
+    @classmethod
+    def of(cls, reads: Iterable[ShardRead]) -> ShardReads:
+        rows = [{**read.shard.to_dict(), "only": _sorted(read.only)} for read in reads]
+        return cls(pa.Table.from_pylist(rows, READ_SCHEMA))
+
+    def tasks(self, files_per_task: int) -> list[str]:
+        """The read tasks (:meth:`ReadTask.to_json`): one per container shard, and single image files grouped
+        ``files_per_task`` at a time, each task where its last shard is (a group of fewer files last). Grouped as
+        Arrow columns and written a task at a time: a plan holds millions of shards."""
+        if not len(self):
+            return []
+        images = np.flatnonzero(self.table["format"].to_numpy(zero_copy_only=False) == "images")
+        group = np.arange(len(images)) // files_per_task
+        full = (group + 1) * files_per_task <= len(images)
+        last = np.minimum((group + 1) * files_per_task, len(images)) - 1  # the group's last file, among the files
+        position = np.arange(len(self))
+        task_at = position.copy()
+        task_at[images] = np.where(full, images[last], len(self))
+        order = np.lexsort((position, task_at))
+        rows = self.table.take(order)
+        starts = np.flatnonzero(np.r_[True, task_at[order][1:] != task_at[order][:-1]])
+        ends = np.r_[starts[1:], len(self)]
+        return [json.dumps(rows.slice(start, end - start).to_pylist()) for start, end in zip(starts, ends, strict=True)]
+
+
+def _sorted(only: frozenset[str] | None) -> list[str] | None:
+    return None if only is None else sorted(only)
 
 
 @dataclass(frozen=True)
@@ -116,7 +223,7 @@ class Skip:
 class Listing:
     """The shards to read, sorted, and the tally of every object the listing saw."""
 
-    shards: list[Shard]
+    shards: Shards
     tally: Tally
 
 
@@ -161,64 +268,54 @@ def skip_reason(relative: str, format: str = "auto") -> str | None:
 LISTING_THREADS = 32  # prefixes listed at once on a remote store
 
 
-def find_files(fs: fsspec.AbstractFileSystem, root: str, depth: int = 3) -> dict[str, dict]:
-    """Every file under ``root``, with its details. On a remote store the folders under it are listed side by side
-    (an object store lists one prefix 1,000 keys per request, one request after another): where there is a single
-    folder, the one below it, ``depth`` levels down at most. Local disks are walked as they are."""
-    if is_local(fs) or depth == 0:
-        return fs.find(root, detail=True)
-    entries = fs.ls(root, detail=True)
-    files = {entry["name"]: entry for entry in entries if entry["type"] != "directory"}
+def find_files(fs: fsspec.AbstractFileSystem, root: str, depth: int = 3) -> Iterator[list[dict]]:
+    """Every file under ``root``, with its details, a folder at a time: the caller keeps what it needs of each
+    folder, never a bucket's worth of details at once. On a remote store the folders under ``root`` are listed side
+    by side (an object store lists one prefix 1,000 keys per request, one request after another): where there is a
+    single folder, the ones below it, ``depth`` levels down at most. Each request is retried on its own."""
+    if is_local(fs):
+        for _, _, files in fs.walk(root, detail=True):
+            yield list(files.values())
+        return
+    if depth == 0:
+        yield list(with_retries(lambda: fs.find(root, detail=True)).values())
+        return
+    entries = with_retries(lambda: fs.ls(root, detail=True))
+    yield [entry for entry in entries if entry["type"] != "directory"]
     folders = [entry["name"] for entry in entries if entry["type"] == "directory" and entry["name"] != root]
     if len(folders) == 1:
-        files.update(find_files(fs, folders[0], depth - 1))
+        yield from find_files(fs, folders[0], depth - 1)
     elif folders:
         with ThreadPoolExecutor(min(LISTING_THREADS, len(folders))) as pool:
-            for found in pool.map(lambda folder: fs.find(folder, detail=True), folders):
-                files.update(found)
-    return files
+            yield from pool.map(
+                lambda folder: list(with_retries(lambda: fs.find(folder, detail=True)).values()), folders
+            )
 
 
 def list_shards(url: str, format: str = "auto", storage_options: dict | None = None) -> Listing:
     """Every shard under a prefix (recursively) or matching a glob, sorted, and a tally of what was skipped and why.
 
-    A URL that names one file with ``format`` set is that shard, whatever its name.
+    A URL that names one file with ``format`` set is that shard, whatever its name. The listing is kept as Arrow
+    columns, a folder at a time as it comes (:class:`Shards`).
     """
-
-    def listing() -> tuple[fsspec.AbstractFileSystem, str, dict, bool]:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        fs.invalidate_cache()  # a long-lived process lists a growing bucket: never answer from a stale listing
-        if has_magic(root):
-            infos = fs.glob(root, detail=True)
-            return fs, glob_root(root), infos, False
-        if fs.isdir(root):
-            return fs, root, find_files(fs, root), False
-        if fs.exists(root):
-            return fs, root.rsplit("/", 1)[0], {root: fs.info(root)}, True
-        raise InputError(f"input.url: nothing found at {url}")
-
     try:
-        fs, root, infos, one_file = with_retries(listing)
+        # No listings cache: a long-lived process lists a growing bucket afresh, and holds no copy of the listing.
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}), use_listings_cache=False)
+        if has_magic(root):
+            one_file, found = False, [list(with_retries(lambda: fs.glob(root, detail=True)).values())]
+            root = glob_root(root)
+        elif with_retries(lambda: fs.isdir(root)):
+            one_file, found = False, find_files(fs, root)
+        elif with_retries(lambda: fs.exists(root)):
+            one_file, found = True, [[with_retries(lambda: fs.info(root))]]
+            root = root.rsplit("/", 1)[0]
+        else:
+            raise InputError(f"input.url: nothing found at {url}")
+        shards, formats, tally = _classify(fs, root, found, format, one_file)
     except InputError:
         raise
     except Exception as error:
         raise InputError(f"input.url: cannot list {url}: {error}") from error
-
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    shards, formats, tally = [], set(), Tally()
-    for path, info in sorted(infos.items()):
-        if info.get("type") == "directory":
-            continue
-        relative = path[len(root) :] if path.startswith(root) else path
-        named = one_file and (format != "auto" or format_of(path) is not None)  # asked for by name: read it
-        reason = None if named else skip_reason(relative, format)
-        if reason is not None:
-            tally.skip(reason, relative.strip("/"))
-            continue
-        layout = format if format != "auto" else format_of(path)
-        formats.add(layout)
-        tally.keep()
-        shards.append(Shard(_unstrip(fs, protocol, path), layout, info.get("size"), version_of(info)))
     if not shards:
         wanted = "images or shards" if format == "auto" else f"{format} shards"
         skipped = f" (skipped {tally.describe_skipped()})" if tally.skipped else ""
@@ -228,7 +325,36 @@ def list_shards(url: str, format: str = "auto", storage_options: dict | None = N
     return Listing(shards, tally)
 
 
-def check_columns(shards: list[Shard], options: dict[str, Any]) -> None:
+def _classify(
+    fs: fsspec.AbstractFileSystem, root: str, found: Iterable[list[dict]], format: str, one_file: bool
+) -> tuple[Shards, set[str], Tally]:
+    """The shards among the files found (a batch at a time), the layouts they are of, and the tally of the rest."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    chunks, formats, tally = [SHARD_SCHEMA.empty_table()], set(), Tally()
+    for infos in found:
+        urls, layouts, sizes, etags = [], [], [], []
+        for info in infos:
+            if info.get("type") == "directory":
+                continue
+            path = info["name"]
+            relative = path[len(root) :] if path.startswith(root) else path
+            named = one_file and (format != "auto" or format_of(path) is not None)  # asked for by name: read it
+            reason = None if named else skip_reason(relative, format)
+            if reason is not None:
+                tally.skip(reason, relative.strip("/"))
+                continue
+            layout = format if format != "auto" else format_of(path)
+            formats.add(layout)
+            tally.keep()
+            urls.append(_unstrip(fs, protocol, path))
+            layouts.append(layout)
+            sizes.append(info.get("size"))
+            etags.append(version_of(info))
+        chunks.append(pa.table([urls, layouts, sizes, etags], schema=SHARD_SCHEMA))
+    return Shards(pa.concat_tables(chunks).sort_by("url")), formats, tally
+
+
+def check_columns(shards: Sequence[Shard], options: dict[str, Any]) -> None:
     """For layouts with named columns (Parquet): the first shard has the columns the spec names, or an image column
     is found. Files written by one tool share a schema; a file that differs later becomes an error row."""
     reader = READERS[shards[0].format]
