@@ -655,10 +655,11 @@ def measure_night(output: str, variant: str, sizes_: dict, storage_options: dict
     }
 
 
-def run_night(script_args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "_night", *script_args], capture_output=True, text=True, cwd=ROOT)
+def run_night(script_args: list[str], script: str = __file__) -> dict:
+    """``script _night ARGS`` in a process of its own (a fresh peak, a fresh import): its last line, as JSON."""
+    done = subprocess.run([sys.executable, script, "_night", *script_args], capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
-        print(done.stdout, done.stderr, file=sys.stderr)
+        print(done.stdout[-3000:], done.stderr[-6000:], file=sys.stderr)
         raise RuntimeError(f"night {script_args[:2]} failed")
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import delta_commit
 from delta_commit import (
     FIRST_NIGHT,
     ROOT,
@@ -258,11 +259,7 @@ def listing(shards: list[Shard]) -> Any:
 
 
 def run_night(arguments: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "_night", *arguments], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        print(done.stdout[-3000:], done.stderr[-6000:], file=sys.stderr)
-        raise RuntimeError(f"night {arguments[1]} on {arguments[0]} failed")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return delta_commit.run_night(arguments, script=__file__)
 
 
 def show(label: str, r: dict) -> None:
