@@ -65,7 +65,7 @@ from pipeline import incremental, query, tables  # noqa: E402
 from pipeline.manifest import Counts, Manifest, ModelRecord, PlanSummary  # noqa: E402
 from pipeline.runs import LATEST, PREDICTIONS, TABLES, OutputLocation, StagedOutput, write_data_file  # noqa: E402
 from pipeline.sink import output_schema  # noqa: E402
-from pipeline.sources import Shard  # noqa: E402
+from pipeline.sources import Shard, Shards  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
 
 DIM = 8  # embedding values per row: small, this is about commit and planning cost, not bytes
@@ -612,12 +612,7 @@ def measure_night(output: str, variant: str, sizes_: dict, storage_options: dict
         expected_delta = -len(changed)
     latest_before = tables.dataset(location, LATEST).count_rows()
     phases = Phases(requests)
-    with phases.phase("ensure_tables"):
-        tables.ensure_tables(location)
-    with phases.phase("recover"):
-        crashed = tables.recover(location)
-    with phases.phase("plan_run"):
-        plan = incremental.plan_run(spec, listed, location, key)
+    crashed, plan = plan_night(phases, location, spec, listed, key)
     assert not crashed and [r.shard for r in plan.reads] == expected_reads, (len(plan.reads), len(expected_reads))
     files_per_night = max(1, round(sizes_["files_per_night"] * len(expected_reads) / per_night))
     with phases.phase("write and commit"):  # split below: the workers' part, and the driver's commit
@@ -653,6 +648,17 @@ def measure_night(output: str, variant: str, sizes_: dict, storage_options: dict
         "peak_after_imports_mib": round(after_imports, 1),
         "peak_mib_max": round(max(after_imports, *phases.peak.values()), 1),
     }
+
+
+def plan_night(phases: Phases, location: OutputLocation, spec, listed: list[Shard], key: str):
+    """What the runner does before Ray starts, phase by phase: the output's tables, crashed runs, the plan."""
+    with phases.phase("ensure_tables"):
+        tables.ensure_tables(location)
+    with phases.phase("recover"):
+        crashed = tables.recover(location)
+    with phases.phase("plan_run"):
+        plan = incremental.plan_run(spec, Shards.of(listed), location, key)
+    return crashed, plan
 
 
 def run_night(script_args: list[str], script: str = __file__) -> dict:

@@ -67,7 +67,7 @@ from delta_commit import (
 )
 from delta_commit import manifest_of as manifest_for
 
-from pipeline import incremental, query, tables
+from pipeline import query, tables
 from pipeline.manifest import PlanSummary
 from pipeline.runs import LATEST, PREDICTIONS, RUNS, SHARDS, TABLES, OutputLocation, StagedOutput, file_stats
 from pipeline.sink import rows_per_file
@@ -213,12 +213,7 @@ def measure_night(output: str, variant: str, build: dict, night_rows_: int, opti
     upgrade = upgrade_output(location) if build.get("upgrade") else {}
     files_before = table_files(location)
     phases = Phases(requests)
-    with phases.phase("ensure_tables"):
-        tables.ensure_tables(location)
-    with phases.phase("recover"):
-        crashed = tables.recover(location)
-    with phases.phase("plan_run"):
-        plan = incremental.plan_run(spec, listing(listed), location, key)
+    crashed, plan = delta_commit.plan_night(phases, location, spec, listed, key)
     assert not crashed and [r.shard for r in plan.reads] == reads, (len(plan.reads), len(reads))
     files = max(1, math.ceil(len(reads) * (rows_per_shard - skip) / ROWS_PER_FILE))
     with phases.phase("write and commit"):
@@ -248,14 +243,6 @@ def measure_night(output: str, variant: str, build: dict, night_rows_: int, opti
         "requests": phases.counts,
         "peak_mib_max": round(max(peak_mib(), *phases.peak.values()), 1),
     }
-
-
-def listing(shards: list[Shard]) -> Any:
-    """The listing as ``plan_run`` takes it: a ``Shards`` table where the code has one, else the list."""
-    import pipeline.sources
-
-    kind = getattr(pipeline.sources, "Shards", None)
-    return kind.of(shards) if kind else shards
 
 
 def run_night(arguments: list[str]) -> dict:
