@@ -51,7 +51,14 @@ from pipeline.sink import output_schema  # noqa: E402
 
 LATENT = 48
 CHUNK = 25_000
-SETTINGS = ({"nprobes": 5, "refine": 0}, {"nprobes": 20, "refine": 10}, {"nprobes": 60, "refine": 20})
+# None: the index's own default (1/16 of the partitions probed, refine 10), what `similar` does unless told.
+SETTINGS = (
+    {"nprobes": 5, "refine": 0},
+    {"nprobes": 20, "refine": 10},
+    {"nprobes": 60, "refine": 20},
+    {"nprobes": None, "refine": None},
+    {"nprobes": 125, "refine": 50},
+)
 RUN_ID = "20261202T120000Z-bench0"
 
 
@@ -151,6 +158,11 @@ def build_in_child(kind: str, place: str) -> dict[str, Any]:
     return info
 
 
+def partitions_of(dataset) -> int:
+    (index,) = dataset.stats.index_stats("embedding_idx")["indices"]  # pylance 14: per index, not at the top
+    return index["num_partitions"]
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -199,12 +211,25 @@ def latencies(function, queries: list[str]) -> dict[str, float]:
     }
 
 
+def parse_setting(text: str) -> dict[str, int | None]:
+    """``NPROBES:REFINE``, either ``default`` for the index's own."""
+    nprobes, refine = (None if value == "default" else int(value) for value in text.split(":"))
+    return {"nprobes": nprobes, "refine": refine}
+
+
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def measure(
-    rows: int, dim: int, workdir: Path, real_output: bool, queries_n: int, exact_n: int, reuse: bool = False
+    rows: int,
+    dim: int,
+    workdir: Path,
+    real_output: bool,
+    queries_n: int,
+    exact_n: int,
+    reuse: bool = False,
+    settings: tuple[dict[str, int | None], ...] = SETTINGS,
 ) -> dict[str, Any]:
     folder = workdir / f"{rows}"
     result: dict[str, Any] = {"rows": rows, "dim": dim, "load_before": load()}
@@ -225,6 +250,7 @@ def measure(
         result["load_after_write"] = load()
         kind, place = ("output", str(folder / "out")) if real_output else ("parquet", str(folder / "latest.parquet"))
         result["build"] = build_in_child(kind, place)
+        print(json.dumps({key: result[key] for key in ("rows", "write_seconds", "build")}), flush=True)
         result["load_after_build"] = load()
     lance_path = folder / "out" / vector_index.FOLDER / vector_index.DATASET if real_output else folder / "index.lance"
     result["index_bytes"] = {
@@ -241,7 +267,7 @@ def measure(
         db = parquet_db(folder / "latest.parquet")
         dataset = lance.dataset(str(lance_path))
         record = vector_index.IndexRecord(
-            0, 0, dataset.version, rows, dim, dataset.stats.index_stats("embedding_idx")["num_partitions"],
+            0, 0, dataset.version, rows, dim, partitions_of(dataset),
             dim // 16, vector_index.METRIC, "", 0.0,
         )  # fmt: skip
         index = vector_index.SimilarIndex(OutputLocation.open(str(folder)), record, dataset, 0, 0)
@@ -254,7 +280,7 @@ def measure(
         result["exact_similar"] = latencies(lambda q: similar(db, q, 10), queries[:exact_n])
         result["load_after_exact"] = load()
     result["index_similar"] = []
-    for knobs in SETTINGS:
+    for knobs in settings:
         answers: dict[str, list[str]] = {}
 
         def ask(image_id: str, knobs=knobs, answers=answers) -> None:
@@ -263,7 +289,11 @@ def measure(
         timing = latencies(ask, queries)
         assert all(answers[q][0] == q for q in queries)
         recall = np.mean([len(set(answers[q]) & exact[q]) / 10 for q in queries])
-        result["index_similar"].append({**knobs, **timing, "recall_at_10": round(float(recall), 3)})
+        used = {"nprobes": knobs["nprobes"] or index.default_nprobes, "refine": knobs["refine"]}
+        used["refine"] = vector_index.DEFAULT_REFINE if used["refine"] is None else used["refine"]
+        defaults = knobs["nprobes"] is None and knobs["refine"] is None
+        recall_at_10 = round(float(recall), 3)
+        result["index_similar"].append({**used, "defaults": defaults, **timing, "recall_at_10": recall_at_10})
         print(json.dumps(result["index_similar"][-1]), flush=True)
     result["load_after"] = load()
     return result
@@ -278,6 +308,12 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, nargs="+", default=[20, 5], help="per size, in order")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/similar-index-bench"))
     parser.add_argument("--reuse", action="store_true", help="query outputs and indexes an earlier run left")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        metavar="NPROBES:REFINE",
+        help="index settings to ask with instead of the built-in ones; 'default' for either: the index's own",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -292,9 +328,10 @@ def main() -> None:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sizes": [],
     }
+    settings = tuple(map(parse_setting, args.settings)) if args.settings else SETTINGS
     for rows, exact_n in zip(args.rows, args.exact_queries, strict=False):
         measured = measure(
-            rows, args.dim, args.workdir, rows <= args.real_output_max, args.queries, exact_n, args.reuse
+            rows, args.dim, args.workdir, rows <= args.real_output_max, args.queries, exact_n, args.reuse, settings
         )
         results["sizes"].append(measured)
         print(json.dumps(measured, indent=2), flush=True)

@@ -377,7 +377,7 @@ def similar(
         help="Index: IVF partitions searched (default: 1/16 of them, at least 20; more: better recall, slower).",
     ),
     refine: int | None = typer.Option(
-        None, "--refine", min=0, help="Index: re-rank refine x k candidates exactly (default 10; 0: PQ estimates)."
+        None, "--refine", min=0, help="Index: re-rank refine x k candidates exactly (default 50; 0: PQ estimates)."
     ),
     output_format: str = FormatOption,
     output_file: Path | None = OutputFileOption,
