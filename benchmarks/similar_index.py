@@ -51,7 +51,7 @@ from pipeline.sink import output_schema  # noqa: E402
 
 LATENT = 48
 CHUNK = 25_000
-# None: the index's own default (1/16 of the partitions probed, refine 10), what `similar` does unless told.
+# None: the index's own default (1/16 of the partitions probed, DEFAULT_REFINE), what `similar` does unless told.
 SETTINGS = (
     {"nprobes": 5, "refine": 0},
     {"nprobes": 20, "refine": 10},
