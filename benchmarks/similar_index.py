@@ -289,8 +289,8 @@ def measure(
         timing = latencies(ask, queries)
         assert all(answers[q][0] == q for q in queries)
         recall = np.mean([len(set(answers[q]) & exact[q]) / 10 for q in queries])
-        used = {"nprobes": knobs["nprobes"] or index.default_nprobes, "refine": knobs["refine"]}
-        used["refine"] = vector_index.DEFAULT_REFINE if used["refine"] is None else used["refine"]
+        refine = vector_index.DEFAULT_REFINE if knobs["refine"] is None else knobs["refine"]
+        used = {"nprobes": knobs["nprobes"] or index.default_nprobes, "refine": refine}
         defaults = knobs["nprobes"] is None and knobs["refine"] is None
         recall_at_10 = round(float(recall), 3)
         result["index_similar"].append({**used, "defaults": defaults, **timing, "recall_at_10": recall_at_10})
